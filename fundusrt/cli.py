@@ -1,0 +1,44 @@
+"""`fundusrt <verb>`: each verb lives in its own module, imported only when that verb runs.
+
+A verb module provides `add_arguments(parser)` and `main(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "synth": ("fundusrt.synth.cli", "write synthetic fundus studies (DICOM) with ground truth"),
+    "study": ("fundusrt.dicom.cli", "show what the reader finds in a DICOM file, folder or list"),
+    "export": ("fundusrt.export.cli", "export a checkpoint into a model package (ONNX + manifest)"),
+    "run": ("fundusrt.runtime.cli", "run a DICOM study through a model package and report findings"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fundusrt", description=__doc__.splitlines()[0])
+    parser.add_argument("verb", choices=sorted(VERBS), metavar="VERB",
+                        help="; ".join(f"{v}: {h}" for v, (_, h) in sorted(VERBS.items())))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fundusrt` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in VERBS:
+        _top_parser().parse_args(argv[:1] or ["--help"])
+        return 2
+    verb, rest = argv[0], argv[1:]
+    module_name, help_text = VERBS[verb]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"fundusrt {verb}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
