@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -18,6 +19,9 @@ from PIL import Image
 from fundusrt.config import TilingConfig
 from fundusrt.kernels.roi import check_image, find_fundus_roi
 from fundusrt.kernels.tiling import TilePlan, TileSource, plan_tiles
+
+if TYPE_CHECKING:
+    from fundusrt.kernels.cuda_patchify import CudaPatches
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -47,20 +51,31 @@ def normalisation_lut(mean: tuple[float, ...], std: tuple[float, ...], dtype: np
     return table.astype(dtype)
 
 
-def patchify(image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32) -> Patches:
+def patchify(
+    image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32, device: str = "cpu"
+) -> Patches | CudaPatches:
     """Turn an RGB image into normalised tiles under a tiling policy.
 
     Args:
         image: RGB uint8 array (H, W, 3).
         cfg: tiling policy, tile size, mean/std and whether to crop to the fundus field of view first.
         dtype: np.float32 or np.float16 for pixel_values.
+        device: "cpu" (NumPy + Pillow) or "cuda" (our kernels; the result stays in device memory as
+            CudaPatches, which the GPU backends consume without a host round trip).
 
     Returns:
-        Patches with pixel_values (N, 3, S, S) and the TilePlan (plan.roi records the crop, if any).
+        Patches with pixel_values (N, 3, S, S) and the TilePlan (plan.roi records the crop, if any),
+        or CudaPatches for device="cuda".
 
     Raises:
-        ValueError: the image is not a non-empty (H, W, 3) uint8 array, or dtype is unsupported.
+        ValueError: the image is not a non-empty (H, W, 3) uint8 array, dtype or device is unsupported.
     """
+    if device == "cuda":
+        from fundusrt.kernels.cuda_patchify import patchify_cuda
+
+        return patchify_cuda(image, cfg, dtype=dtype)
+    if device != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     check_image(image)
     out_dtype = np.dtype(dtype)
     if out_dtype not in _DTYPES:

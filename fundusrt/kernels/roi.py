@@ -9,10 +9,11 @@ import math
 
 import numpy as np
 
-# ITU-R BT.601 luma weights, the same ones PIL uses for convert("L")
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# ITU-R BT.601 luma weights x 1000 (as PIL's convert("L")), in integers so the threshold test is exact
+# and the CUDA reduction (kernels/cuda) decides ties identically
+_LUMA_X1000 = np.array([299, 587, 114], dtype=np.int32)
 # work on at most this many pixels along the long side: keeps detection a few ms on a 12 MP photo
-_MAX_SIDE = 1024
+MAX_SIDE = 1024
 # a field of view smaller than this fraction of the image is noise or an overlay, not a retina
 _MIN_AREA_FRACTION = 0.01
 # above this fraction nothing is dark, so there is no surround to crop
@@ -58,9 +59,9 @@ def find_fundus_roi(image: np.ndarray, threshold: float = 20.0) -> tuple[int, in
     """
     check_image(image)
     height, width = image.shape[:2]
-    step = max(1, math.ceil(max(height, width) / _MAX_SIDE))
+    step = max(1, math.ceil(max(height, width) / MAX_SIDE))
     small = image[::step, ::step]
-    bright = (small @ _LUMA) > threshold
+    bright = (small.astype(np.int32) @ _LUMA_X1000) > 1000 * threshold
     # 3x3 cross erosion: a pixel stays bright only with its four neighbours, which single-pixel sensor
     # noise and JPEG ringing in the surround never have
     core = bright.copy()

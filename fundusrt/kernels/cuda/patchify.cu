@@ -1,0 +1,402 @@
+// fundusrt CUDA kernels: adaptive-resolution patching and fundus ROI detection.
+//
+// Section 1 holds every piece of per-pixel arithmetic as __host__ __device__ functions with no CUDA
+// dependency, so the test suite compiles the very same code with g++ (see patchify_host.cpp) and
+// compares it with PIL. Section 2 holds the __global__ kernels, which only map thread indices onto
+// those functions. Compiled by NVRTC at run time (fundusrt/kernels/cuda_patchify.py) or by nvcc into
+// a fatbin; NVRTC must be given --fmad=false so that double/float arithmetic rounds exactly like the
+// host build (and like Pillow on x86-64, which does not contract into FMA).
+//
+// Resampling reproduces Pillow's ImagingResample for 8-bit RGB (libImaging/Resample.c, unchanged
+// from Pillow 7 to 13): per axis, precompute_coeffs (bicubic a = -0.5, support 2 scaled by the
+// downscale factor so downscaling antialiases, window bounds rounded with (int)(x + 0.5), weights
+// normalised per output pixel) then normalize_coeffs_8bpc (22 fractional bits); the horizontal pass
+// runs first and rounds to uint8, the vertical pass reads that uint8 intermediate. Integer
+// accumulation makes the result bit-identical to Pillow whenever the double coefficients are.
+
+#ifndef __CUDACC__
+#define __host__
+#define __device__
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Section 1: portable arithmetic (host and device)
+// ---------------------------------------------------------------------------------------------
+
+#define FRT_PRECISION_BITS 22  // Pillow: 32 - 8 - 2 (8 result bits, 2 bits of head-room for overshoot)
+
+// Layout of one row of the views table (int32), built by cuda_patchify.build_launch_tables.
+#define FRT_VIEW_SRC_X0 0   // ROI crop origin in the input image
+#define FRT_VIEW_SRC_Y0 1
+#define FRT_VIEW_SRC_W 2    // ROI crop size = resampling input size
+#define FRT_VIEW_SRC_H 3
+#define FRT_VIEW_OUT_W 4    // resize_to
+#define FRT_VIEW_OUT_H 5
+#define FRT_VIEW_PASTE_X 6  // paste_at on the canvas
+#define FRT_VIEW_PASTE_Y 7
+#define FRT_VIEW_H_TABLE 8  // offset (ints) of the horizontal axis table in the tables buffer
+#define FRT_VIEW_V_TABLE 9  // offset (ints) of the vertical axis table
+#define FRT_VIEW_TMP 10     // offset (bytes) of this view's intermediate buffer
+#define FRT_VIEW_VFIRST 11  // 1: vertical pass first (intermediate src_w x out_h), 0: horizontal first (out_w x src_h)
+#define FRT_VIEW_FIELDS 12
+
+// An axis table: [out_size, stride, (first, count) * out_size, coeff * out_size * stride].
+#define FRT_TABLE_HEADER 2
+
+// A coefficient job (int32 x 4): in_size, out_size, stride, table offset (ints).
+#define FRT_JOB_FIELDS 4
+
+// A tile (int32 x 3): view index, canvas x0, canvas y0 of its box.
+#define FRT_TILE_FIELDS 3
+
+// Pillow's bicubic_filter with a = -0.5.
+__host__ __device__ inline double frt_bicubic(double x) {
+    const double a = -0.5;
+    if (x < 0.0) {
+        x = -x;
+    }
+    if (x < 1.0) {
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+    }
+    if (x < 2.0) {
+        return (((x - 5) * x + 8) * x - 4) * a;
+    }
+    return 0.0;
+}
+
+// Pillow's ksize: the most taps one output pixel can use when resampling in_size -> out_size.
+__host__ __device__ inline int frt_max_taps(int in_size, int out_size) {
+    double scale = (double)(float)in_size / out_size;
+    double filterscale = scale < 1.0 ? 1.0 : scale;
+    return (int)ceil(2.0 * filterscale) * 2 + 1;
+}
+
+// Pillow precompute_coeffs + normalize_coeffs_8bpc for output index `out_index` of one axis.
+// Writes (first, count) and `stride` fixed-point weights (zeros past count) into `table`.
+__host__ __device__ inline void frt_axis_coeffs_at(int in_size, int out_size, int stride, int out_index,
+                                                   int* table) {
+    // Pillow casts the float box extent to double; in0 is always 0 here (the ROI is a pointer offset).
+    double scale = (double)((float)in_size - 0.0f) / out_size;
+    double filterscale = scale < 1.0 ? 1.0 : scale;
+    double support = 2.0 * filterscale;
+    double center = 0.0 + (out_index + 0.5) * scale;
+    double ss = 1.0 / filterscale;
+    int xmin = (int)(center - support + 0.5);
+    if (xmin < 0) {
+        xmin = 0;
+    }
+    int xmax = (int)(center + support + 0.5);
+    if (xmax > in_size) {
+        xmax = in_size;
+    }
+    int count = xmax - xmin;
+    if (count > stride) {
+        count = stride;  // cannot happen when stride == frt_max_taps; guards the table bounds
+    }
+    // Two passes instead of a per-thread weight array: the weights are recomputed bit-identically.
+    double ww = 0.0;
+    for (int x = 0; x < count; x++) {
+        ww += frt_bicubic((x + xmin - center + 0.5) * ss);
+    }
+    int* bounds = table + FRT_TABLE_HEADER + 2 * out_index;
+    bounds[0] = xmin;
+    bounds[1] = count;
+    int* k = table + FRT_TABLE_HEADER + 2 * out_size + out_index * stride;
+    for (int x = 0; x < stride; x++) {
+        double w = 0.0;
+        if (x < count) {
+            w = frt_bicubic((x + xmin - center + 0.5) * ss);
+            if (ww != 0.0) {
+                w /= ww;
+            }
+        }
+        k[x] = w < 0 ? (int)(-0.5 + w * (1 << FRT_PRECISION_BITS)) : (int)(0.5 + w * (1 << FRT_PRECISION_BITS));
+    }
+    if (out_index == 0) {
+        table[0] = out_size;
+        table[1] = stride;
+    }
+}
+
+// Pillow clip8: drop the fraction bits (arithmetic shift) and saturate to 0..255.
+__host__ __device__ inline unsigned char frt_clip8(int acc) {
+    int v = acc >> FRT_PRECISION_BITS;
+    return (unsigned char)(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// One tap-weighted sum of `count` RGB pixels `step` bytes apart, rounded like Pillow.
+__host__ __device__ inline void frt_filter_rgb(const unsigned char* first, long long step, const int* k, int count,
+                                               unsigned char* rgb) {
+    int s0 = 1 << (FRT_PRECISION_BITS - 1);
+    int s1 = s0;
+    int s2 = s0;
+    for (int i = 0; i < count; i++) {
+        const unsigned char* p = first + i * step;
+        s0 += p[0] * k[i];
+        s1 += p[1] * k[i];
+        s2 += p[2] * k[i];
+    }
+    rgb[0] = frt_clip8(s0);
+    rgb[1] = frt_clip8(s1);
+    rgb[2] = frt_clip8(s2);
+}
+
+// Width of a view's intermediate image (the first pass resamples one axis, keeps the other).
+__host__ __device__ inline int frt_tmp_width(const int* view) {
+    return view[FRT_VIEW_VFIRST] ? view[FRT_VIEW_SRC_W] : view[FRT_VIEW_OUT_W];
+}
+
+__host__ __device__ inline int frt_tmp_height(const int* view) {
+    return view[FRT_VIEW_VFIRST] ? view[FRT_VIEW_OUT_H] : view[FRT_VIEW_SRC_H];
+}
+
+// The taps of output index `index` in an axis table: first source index, count, weights.
+__host__ __device__ inline const int* frt_taps(const int* table, int index, int* first, int* count) {
+    *first = table[FRT_TABLE_HEADER + 2 * index];
+    *count = table[FRT_TABLE_HEADER + 2 * index + 1];
+    return table + FRT_TABLE_HEADER + 2 * table[0] + index * table[1];
+}
+
+// First pass: intermediate pixel (x, y) of a view, resampled from its ROI crop of the image.
+// Pillow keeps only the rows/columns the second pass reads; the values of those are identical.
+__host__ __device__ inline void frt_first_pass_pixel(const unsigned char* image, int image_w, const int* view,
+                                                     const int* tables, unsigned char* tmp, int x, int y) {
+    int first, count;
+    const unsigned char* src = image + ((long long)view[FRT_VIEW_SRC_Y0] * image_w + view[FRT_VIEW_SRC_X0]) * 3;
+    const int* k;
+    long long step;
+    if (view[FRT_VIEW_VFIRST]) {
+        k = frt_taps(tables + view[FRT_VIEW_V_TABLE], y, &first, &count);
+        src += ((long long)first * image_w + x) * 3;
+        step = (long long)image_w * 3;
+    } else {
+        k = frt_taps(tables + view[FRT_VIEW_H_TABLE], x, &first, &count);
+        src += ((long long)y * image_w + first) * 3;
+        step = 3;
+    }
+    unsigned char* dst = tmp + view[FRT_VIEW_TMP] + ((long long)y * frt_tmp_width(view) + x) * 3;
+    frt_filter_rgb(src, step, k, count, dst);
+}
+
+// Second pass + canvas: the RGB value of canvas pixel (cx, cy) of a view (pad outside the
+// pasted resized image).
+__host__ __device__ inline void frt_canvas_pixel(const int* view, const int* tables, const unsigned char* tmp,
+                                                 int cx, int cy, const unsigned char* pad, unsigned char* rgb) {
+    int ix = cx - view[FRT_VIEW_PASTE_X];
+    int iy = cy - view[FRT_VIEW_PASTE_Y];
+    if (ix < 0 || iy < 0 || ix >= view[FRT_VIEW_OUT_W] || iy >= view[FRT_VIEW_OUT_H]) {
+        rgb[0] = pad[0];
+        rgb[1] = pad[1];
+        rgb[2] = pad[2];
+        return;
+    }
+    int first, count;
+    int tmp_w = frt_tmp_width(view);
+    const unsigned char* src = tmp + view[FRT_VIEW_TMP];
+    const int* k;
+    long long step;
+    if (view[FRT_VIEW_VFIRST]) {
+        k = frt_taps(tables + view[FRT_VIEW_H_TABLE], ix, &first, &count);
+        src += ((long long)iy * tmp_w + first) * 3;
+        step = 3;
+    } else {
+        k = frt_taps(tables + view[FRT_VIEW_V_TABLE], iy, &first, &count);
+        src += ((long long)first * tmp_w + ix) * 3;
+        step = (long long)tmp_w * 3;
+    }
+    frt_filter_rgb(src, step, k, count, rgb);
+}
+
+// Normalised value of channel `channel` at uint8 level v: lut holds (v / 255 - mean) / std per
+// channel (3 x 256, float32 or float16 bits), the CPU path's own table, so both paths agree bit for bit.
+template <typename OutT>
+__host__ __device__ inline OutT frt_normalize(const OutT* lut, int channel, unsigned char v) {
+    return lut[channel * 256 + v];
+}
+
+// --- fundus ROI (fundusrt/kernels/roi.py find_fundus_roi, same definition) -------------------
+
+#define FRT_ROI_MIN_AREA_FRACTION 0.01  // smaller bright area: noise or an overlay, not a retina
+#define FRT_ROI_MAX_AREA_FRACTION 0.95  // larger: nothing is dark, no surround to crop
+#define FRT_ROI_PROFILE_FRACTION 0.02   // a row/column counts when it reaches this share of the busiest one
+
+// BT.601 luma above the threshold, decided exactly: 0.299 R + 0.587 G + 0.114 B > t  <=>
+// 299 R + 587 G + 114 B > 1000 t. (Float32 luma is ambiguous only at exact ties, where numpy's
+// answer even depends on the array's memory layout.)
+__host__ __device__ inline bool frt_is_bright(const unsigned char* rgb, double threshold_milli) {
+    return (double)(rgb[0] * 299 + rgb[1] * 587 + rgb[2] * 114) > threshold_milli;
+}
+
+// Whether subsampled pixel (i, j) survives the 3x3 cross erosion of the bright mask; neighbours
+// outside the subsampled grid do not erode (as the NumPy slicing does).
+__host__ __device__ inline bool frt_roi_core(const unsigned char* image, int image_w, int step, int rows, int cols,
+                                             double threshold_milli, int i, int j) {
+    const int di[5] = {0, -1, 1, 0, 0};
+    const int dj[5] = {0, 0, 0, -1, 1};
+    for (int n = 0; n < 5; n++) {
+        int y = i + di[n];
+        int x = j + dj[n];
+        if (y < 0 || x < 0 || y >= rows || x >= cols) {
+            continue;
+        }
+        const unsigned char* p = image + ((long long)y * step * image_w + (long long)x * step) * 3;
+        if (!frt_is_bright(p, threshold_milli)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// The count a row/column profile entry needs to belong to the field of view.
+__host__ __device__ inline int frt_profile_needed(int profile_max) {
+    int needed = (int)(FRT_ROI_PROFILE_FRACTION * profile_max);
+    return needed < 1 ? 1 : needed;
+}
+
+// Final box from the profile extents (inclusive subsampled indices) and the core pixel count.
+// Writes (x0, y0, x1, y1) in full-resolution pixels, or x0 = -1 when there is no ROI to crop to.
+__host__ __device__ inline void frt_roi_box(long long core_count, int rows, int cols, int first_row, int last_row,
+                                            int first_col, int last_col, int step, int height, int width, int* box) {
+    double fraction = (double)core_count / ((double)rows * (double)cols);
+    if (fraction < FRT_ROI_MIN_AREA_FRACTION || fraction > FRT_ROI_MAX_AREA_FRACTION) {
+        box[0] = box[1] = box[2] = box[3] = -1;
+        return;
+    }
+    // undo the one-pixel erosion, then map the first/last bright samples back to full resolution
+    int x0 = (first_col - 1) * step;
+    int y0 = (first_row - 1) * step;
+    int x1 = (last_col + 1) * step + 1;
+    int y1 = (last_row + 1) * step + 1;
+    box[0] = x0 < 0 ? 0 : x0;
+    box[1] = y0 < 0 ? 0 : y0;
+    box[2] = x1 > width ? width : x1;
+    box[3] = y1 > height ? height : y1;
+}
+
+#ifdef __CUDACC__
+// ---------------------------------------------------------------------------------------------
+// Section 2: kernels
+// ---------------------------------------------------------------------------------------------
+
+// Fills every axis table; grid (ceil(max out_size / blockDim.x), num_jobs).
+extern "C" __global__ void frt_axis_coeffs(const int* jobs, int* tables) {
+    const int* job = jobs + blockIdx.y * FRT_JOB_FIELDS;
+    int out_index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (out_index < job[1]) {
+        frt_axis_coeffs_at(job[0], job[1], job[2], out_index, tables + job[3]);
+    }
+}
+
+// First resampling pass of every view; grid (ceil(max tmp width / blockDim.x), max tmp height, num_views).
+extern "C" __global__ void frt_first_pass(const unsigned char* image, int image_w, const int* views,
+                                          const int* tables, unsigned char* tmp) {
+    const int* view = views + blockIdx.z * FRT_VIEW_FIELDS;
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    int y = blockIdx.y;
+    if (x < frt_tmp_width(view) && y < frt_tmp_height(view)) {
+        frt_first_pass_pixel(image, image_w, view, tables, tmp, x, y);
+    }
+}
+
+// Second pass, padding, normalisation and NCHW layout of every tile; grid
+// (ceil(S / blockDim.x), ceil(S / blockDim.y), num_tiles). OutT is float or unsigned short (fp16 bits).
+template <typename OutT>
+__device__ inline void frt_tiles(const int* views, const int* tables, const unsigned char* tmp, const int* tiles,
+                                 int tile_size, int pad_rgb, const OutT* lut, OutT* out) {
+    int tx = blockIdx.x * blockDim.x + threadIdx.x;
+    int ty = blockIdx.y * blockDim.y + threadIdx.y;
+    if (tx >= tile_size || ty >= tile_size) {
+        return;
+    }
+    const int* tile = tiles + blockIdx.z * FRT_TILE_FIELDS;
+    const int* view = views + tile[0] * FRT_VIEW_FIELDS;
+    unsigned char pad[3] = {(unsigned char)(pad_rgb & 255), (unsigned char)((pad_rgb >> 8) & 255),
+                            (unsigned char)((pad_rgb >> 16) & 255)};
+    unsigned char rgb[3];
+    frt_canvas_pixel(view, tables, tmp, tile[1] + tx, tile[2] + ty, pad, rgb);
+    long long plane = (long long)tile_size * tile_size;
+    long long at = (long long)blockIdx.z * 3 * plane + (long long)ty * tile_size + tx;
+    out[at] = frt_normalize(lut, 0, rgb[0]);
+    out[at + plane] = frt_normalize(lut, 1, rgb[1]);
+    out[at + 2 * plane] = frt_normalize(lut, 2, rgb[2]);
+}
+
+extern "C" __global__ void frt_tiles_f32(const int* views, const int* tables, const unsigned char* tmp,
+                                         const int* tiles, int tile_size, int pad_rgb, const float* lut,
+                                         float* out) {
+    frt_tiles(views, tables, tmp, tiles, tile_size, pad_rgb, lut, out);
+}
+
+// fp16 output as raw bits: the table already holds binary16 values, so no conversion code is needed.
+extern "C" __global__ void frt_tiles_f16(const int* views, const int* tables, const unsigned char* tmp,
+                                         const int* tiles, int tile_size, int pad_rgb, const unsigned short* lut,
+                                         unsigned short* out) {
+    frt_tiles(views, tables, tmp, tiles, tile_size, pad_rgb, lut, out);
+}
+
+// Row and column counts of the eroded bright mask on the subsampled grid; grid
+// (ceil(cols / 32), ceil(rows / blockDim.y)), block (32, y). row_counts / col_counts start zeroed.
+extern "C" __global__ void frt_roi_profiles(const unsigned char* image, int image_w, int step, int rows, int cols,
+                                            double threshold_milli, int* row_counts, int* col_counts) {
+    __shared__ int block_cols[32];
+    int j = blockIdx.x * 32 + threadIdx.x;
+    int i = blockIdx.y * blockDim.y + threadIdx.y;
+    if (threadIdx.y == 0) {
+        block_cols[threadIdx.x] = 0;
+    }
+    __syncthreads();
+    bool core = i < rows && j < cols && frt_roi_core(image, image_w, step, rows, cols, threshold_milli, i, j);
+    // a warp is one subsampled row segment: one atomic per warp for the row count
+    unsigned int lanes = __ballot_sync(0xffffffffu, core);
+    if (threadIdx.x == 0 && lanes != 0u) {
+        atomicAdd(row_counts + i, __popc(lanes));
+    }
+    if (core) {
+        atomicAdd(block_cols + threadIdx.x, 1);
+    }
+    __syncthreads();
+    if (threadIdx.y == 0 && block_cols[threadIdx.x] != 0) {
+        atomicAdd(col_counts + j, block_cols[threadIdx.x]);
+    }
+}
+
+// Reduces the profiles to the ROI box (4 ints, x0 = -1 for none); one block.
+extern "C" __global__ void frt_roi_reduce(const int* row_counts, const int* col_counts, int rows, int cols, int step,
+                                          int height, int width, int* box) {
+    __shared__ int max_row, max_col, first_row, last_row, first_col, last_col;
+    __shared__ unsigned long long total;
+    if (threadIdx.x == 0) {
+        max_row = max_col = 0;
+        first_row = first_col = 0x7fffffff;
+        last_row = last_col = -1;
+        total = 0ull;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+        atomicMax(&max_row, row_counts[i]);
+        atomicAdd(&total, (unsigned long long)row_counts[i]);
+    }
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        atomicMax(&max_col, col_counts[j]);
+    }
+    __syncthreads();
+    int needed_row = frt_profile_needed(max_row);
+    int needed_col = frt_profile_needed(max_col);
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+        if (row_counts[i] >= needed_row) {
+            atomicMin(&first_row, i);
+            atomicMax(&last_row, i);
+        }
+    }
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        if (col_counts[j] >= needed_col) {
+            atomicMin(&first_col, j);
+            atomicMax(&last_col, j);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        frt_roi_box((long long)total, rows, cols, first_row, last_row, first_col, last_col, step, height, width, box);
+    }
+}
+#endif  // __CUDACC__

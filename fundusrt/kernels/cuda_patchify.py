@@ -1,0 +1,328 @@
+"""CUDA patching without PyTorch: the kernels of kernels/cuda/patchify.cu launched through cuda-python.
+
+`patchify_cuda(image, cfg)` runs the same TilePlan as the NumPy path (`fundusrt.kernels.patchify`) and
+leaves the normalised NCHW tiles in device memory, exposed through `__cuda_array_interface__` and a raw
+pointer so TensorRT / onnxruntime-CUDA consume them without a host round trip. The module image comes
+from a prebuilt nvcc fatbin when one matches the source, else from NVRTC (cached on disk). Importing
+this module needs nothing beyond NumPy; cuda-python is imported when a CudaPatchifier is created.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fundusrt._deps import require
+from fundusrt.config import TilingConfig
+from fundusrt.kernels.cuda.build import find_fatbin, nvrtc_compile
+from fundusrt.kernels.cuda.tables import LaunchTables, build_launch_tables
+from fundusrt.kernels.patchify import normalisation_lut
+from fundusrt.kernels.roi import MAX_SIDE, check_image
+from fundusrt.kernels.tiling import TilePlan, plan_tiles
+
+_KERNELS = ("frt_axis_coeffs", "frt_first_pass", "frt_tiles_f32", "frt_tiles_f16", "frt_roi_profiles", "frt_roi_reduce")
+_DTYPES = {np.dtype(np.float32): "frt_tiles_f32", np.dtype(np.float16): "frt_tiles_f16"}
+_TILE_BLOCK = (32, 8)
+_ROW_BLOCK = 128
+_ROI_BLOCK_Y = 8
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver call failed, or no usable GPU / driver is present."""
+
+
+def _driver() -> Any:
+    return require("cuda.bindings.driver", "running the CUDA patching kernels")
+
+
+def _check(result: tuple, what: str) -> Any:
+    """Unwrap a cuda-python (CUresult, *values) tuple, raising CudaError with the driver's message."""
+    drv = _driver()
+    status, *values = result
+    if status != drv.CUresult.CUDA_SUCCESS:
+        _, text = drv.cuGetErrorString(status)
+        raise CudaError(f"{what} failed: {status.name} ({text.decode() if text else 'no description'})")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass
+class CudaPatches:
+    """Normalised tiles in device memory, (num_tiles, 3, S, S) NCHW, owned by this object.
+
+    Attributes:
+        ptr: device address of the first element.
+        shape: (num_tiles, 3, tile_size, tile_size).
+        dtype: np.float32 or np.float16.
+        plan: the TilePlan that produced the tiles.
+        stream: CUstream handle the tiles are ordered on (0 when the call synchronised).
+        device: CUDA device ordinal.
+    """
+
+    ptr: int
+    shape: tuple[int, int, int, int]
+    dtype: np.dtype
+    plan: TilePlan
+    stream: int
+    device: int
+    _freed: bool = field(default=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        """CUDA Array Interface v3; `stream` is None when the data is already complete."""
+        if self._freed:
+            raise CudaError("these CudaPatches were closed; their device memory is gone")
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "version": 3,
+            "strides": None,
+            "stream": self.stream or None,
+        }
+
+    def to_host(self) -> np.ndarray:
+        """Copy the tiles to a new host array (waits for the producing stream)."""
+        if self._freed:
+            raise CudaError("these CudaPatches were closed; their device memory is gone")
+        drv = _driver()
+        out = np.empty(self.shape, dtype=self.dtype)
+        _check(drv.cuStreamSynchronize(drv.CUstream(self.stream)), "cuStreamSynchronize")
+        _check(drv.cuMemcpyDtoH(out.ctypes.data, drv.CUdeviceptr(self.ptr), self.nbytes), "cuMemcpyDtoH")
+        return out
+
+    def close(self) -> None:
+        """Free the device memory (stream-ordered); safe to call twice."""
+        if not self._freed:
+            self._freed = True
+            drv = _driver()
+            _check(drv.cuMemFreeAsync(drv.CUdeviceptr(self.ptr), drv.CUstream(self.stream)), "cuMemFreeAsync")
+
+    def __enter__(self) -> CudaPatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CudaPatchifier:
+    """The kernels loaded on one GPU (its primary context, shared with TensorRT / onnxruntime).
+
+    Args:
+        device: CUDA device ordinal.
+
+    Raises:
+        MissingDependencyError: cuda-python is not installed (extra "gpu").
+        CudaError: no driver, no such device, or the module does not load.
+    """
+
+    def __init__(self, device: int = 0) -> None:
+        drv = _driver()
+        try:
+            initialised = drv.cuInit(0)
+        except Exception as exc:  # cuda-python raises its own loader error when libcuda is absent
+            raise CudaError(f"no CUDA driver could be loaded ({exc}); use the CPU path instead") from exc
+        _check(initialised, "cuInit")
+        self.device = device
+        self._dev = _check(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
+        attr = drv.CUdevice_attribute
+        major = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev), "cc")
+        minor = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev), "cc")
+        self.arch = 10 * major + minor
+        self._ctx = _check(drv.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
+        self._activate()
+        self._module = self._load_module()
+        self._functions = {
+            name: _check(drv.cuModuleGetFunction(self._module, name.encode()), f"cuModuleGetFunction({name})")
+            for name in _KERNELS
+        }
+
+    def _activate(self) -> None:
+        _check(_driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+
+    def _load_module(self) -> Any:
+        drv = _driver()
+        fatbin = find_fatbin()
+        if fatbin is not None:
+            data = np.frombuffer(fatbin.read_bytes(), dtype=np.uint8)
+            status, module = drv.cuModuleLoadData(data.ctypes.data)
+            if status == drv.CUresult.CUDA_SUCCESS:
+                return module
+            # a fatbin without code for this GPU: fall through to NVRTC for this architecture
+        image, _ = nvrtc_compile(self.arch)
+        data = np.frombuffer(image, dtype=np.uint8)  # PTX from NVRTC already ends with its NUL
+        return _check(drv.cuModuleLoadData(data.ctypes.data), f"cuModuleLoadData (sm_{self.arch})")
+
+    # -- small helpers over the driver API --------------------------------------------------------
+
+    def _alloc(self, nbytes: int, stream: Any) -> Any:
+        return _check(_driver().cuMemAllocAsync(max(int(nbytes), 1), stream), f"cuMemAllocAsync({nbytes})")
+
+    def _upload(self, array: np.ndarray, stream: Any) -> Any:
+        array = np.ascontiguousarray(array)
+        ptr = self._alloc(array.nbytes, stream)
+        _check(_driver().cuMemcpyHtoDAsync(ptr, array.ctypes.data, array.nbytes, stream), "cuMemcpyHtoDAsync")
+        return ptr
+
+    def _launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], stream: Any,
+                args: list[tuple[Any, Any]]) -> None:
+        values = tuple(int(v) if kind is ctypes.c_void_p else v for v, kind in args)
+        kinds = tuple(kind for _, kind in args)
+        _check(
+            _driver().cuLaunchKernel(self._functions[name], *grid, *block, 0, stream, (values, kinds), 0),
+            f"launch {name}",
+        )
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def find_roi(self, image: np.ndarray, threshold: float = 20.0, stream: int | None = None) -> tuple[int, int, int, int] | None:
+        """GPU find_fundus_roi (same definition, exact at luminance ties): (x0, y0, x1, y1) or None."""
+        check_image(image)
+        drv = _driver()
+        self._activate()
+        cu_stream = drv.CUstream(stream or 0)
+        d_image = self._upload(image, cu_stream)
+        try:
+            return self._roi_on_device(d_image, image.shape[0], image.shape[1], threshold, cu_stream)
+        finally:
+            _check(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
+
+    def _roi_on_device(self, d_image: Any, height: int, width: int, threshold: float, stream: Any) -> tuple[int, int, int, int] | None:
+        drv = _driver()
+        step = max(1, math.ceil(max(height, width) / MAX_SIDE))
+        rows, cols = -(-height // step), -(-width // step)
+        counts = self._alloc(4 * (rows + cols + 4), stream)
+        try:
+            _check(drv.cuMemsetD32Async(counts, 0, rows + cols, stream), "cuMemsetD32Async")
+            row_ptr, col_ptr, box_ptr = int(counts), int(counts) + 4 * rows, int(counts) + 4 * (rows + cols)
+            self._launch("frt_roi_profiles", (-(-cols // 32), -(-rows // _ROI_BLOCK_Y), 1), (32, _ROI_BLOCK_Y, 1), stream, [
+                (d_image, ctypes.c_void_p), (width, ctypes.c_int), (step, ctypes.c_int), (rows, ctypes.c_int),
+                (cols, ctypes.c_int), (1000.0 * threshold, ctypes.c_double), (row_ptr, ctypes.c_void_p),
+                (col_ptr, ctypes.c_void_p),
+            ])
+            self._launch("frt_roi_reduce", (1, 1, 1), (1024, 1, 1), stream, [
+                (row_ptr, ctypes.c_void_p), (col_ptr, ctypes.c_void_p), (rows, ctypes.c_int), (cols, ctypes.c_int),
+                (step, ctypes.c_int), (height, ctypes.c_int), (width, ctypes.c_int), (box_ptr, ctypes.c_void_p),
+            ])
+            box = np.empty(4, dtype=np.int32)
+            _check(drv.cuMemcpyDtoHAsync(box.ctypes.data, drv.CUdeviceptr(box_ptr), 16, stream), "cuMemcpyDtoHAsync")
+            _check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        finally:
+            _check(drv.cuMemFreeAsync(counts, stream), "cuMemFreeAsync")
+        return None if box[0] < 0 else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+
+    def patchify(self, image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32,
+                 stream: int | None = None) -> CudaPatches:
+        """Normalised tiles of a host image under `cfg`, left on the GPU; see patchify_cuda."""
+        check_image(image)
+        drv = _driver()
+        self._activate()
+        cu_stream = drv.CUstream(stream or 0)
+        d_image = self._upload(image, cu_stream)
+        try:
+            return self.patchify_on_device(int(d_image), image.shape[0], image.shape[1], cfg, dtype=dtype,
+                                           stream=stream)
+        finally:
+            _check(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
+
+    def patchify_on_device(self, image_ptr: int, height: int, width: int, cfg: TilingConfig, *,
+                           dtype: type | np.dtype = np.float32, stream: int | None = None) -> CudaPatches:
+        """Like patchify, for an RGB uint8 HWC image already in device memory (e.g. a GPU JPEG decode).
+
+        Args:
+            image_ptr: device address of a contiguous (height, width, 3) uint8 array.
+            height, width: its size.
+            cfg, dtype, stream: as for patchify_cuda.
+        """
+        out_dtype = np.dtype(dtype)
+        if out_dtype not in _DTYPES:
+            raise ValueError(f"dtype must be float32 or float16, got {out_dtype}")
+        if height < 1 or width < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        drv = _driver()
+        self._activate()
+        cu_stream = drv.CUstream(stream or 0)
+        roi = self._roi_on_device(image_ptr, height, width, 20.0, cu_stream) if cfg.roi_crop else None
+        plan = plan_tiles(width, height, cfg, roi=roi)
+        tables = build_launch_tables(plan, width, height)
+        lut = normalisation_lut(cfg.mean, cfg.std, out_dtype)
+        out = self._alloc(plan.num_tiles * 3 * plan.tile_size**2 * out_dtype.itemsize, cu_stream)
+        temporaries: list = []
+        try:
+            self._run(temporaries, image_ptr, width, tables, lut, _DTYPES[out_dtype], out, cu_stream)
+        except BaseException:
+            _check(drv.cuMemFreeAsync(out, cu_stream), "cuMemFreeAsync")
+            raise
+        finally:
+            for ptr in temporaries:
+                _check(drv.cuMemFreeAsync(ptr, cu_stream), "cuMemFreeAsync")
+        if stream is None:
+            _check(drv.cuStreamSynchronize(cu_stream), "cuStreamSynchronize")
+        size = plan.tile_size
+        return CudaPatches(int(out), (plan.num_tiles, 3, size, size), out_dtype, plan, int(stream or 0), self.device)
+
+    def _run(self, temporaries: list, d_image: Any, width: int, tables: LaunchTables, lut: np.ndarray,
+             tiles_kernel: str, out: Any, stream: Any) -> None:
+        params = np.concatenate([tables.views.ravel(), tables.jobs.ravel(), tables.tiles.ravel()])
+        d_params = self._upload(params, stream)
+        temporaries.append(d_params)
+        views = int(d_params)
+        jobs = views + 4 * tables.views.size
+        tiles = jobs + 4 * tables.jobs.size
+        d_lut = self._upload(lut, stream)
+        temporaries.append(d_lut)
+        d_tables = self._alloc(4 * tables.table_ints, stream)
+        temporaries.append(d_tables)
+        d_tmp = self._alloc(tables.tmp_bytes, stream)
+        temporaries.append(d_tmp)
+        ptr = ctypes.c_void_p
+        self._launch("frt_axis_coeffs", (-(-tables.max_job_outputs // _ROW_BLOCK), len(tables.jobs), 1),
+                     (_ROW_BLOCK, 1, 1), stream, [(jobs, ptr), (d_tables, ptr)])
+        self._launch("frt_first_pass", (-(-tables.max_tmp_width // _ROW_BLOCK), tables.max_tmp_height, len(tables.views)),
+                     (_ROW_BLOCK, 1, 1), stream,
+                     [(d_image, ptr), (width, ctypes.c_int), (views, ptr), (d_tables, ptr), (d_tmp, ptr)])
+        size = tables.tile_size
+        bx, by = _TILE_BLOCK
+        self._launch(tiles_kernel, (-(-size // bx), -(-size // by), tables.num_tiles), (bx, by, 1), stream, [
+            (views, ptr), (d_tables, ptr), (d_tmp, ptr), (tiles, ptr), (size, ctypes.c_int),
+            (tables.pad_rgb, ctypes.c_int), (d_lut, ptr), (out, ptr),
+        ])
+
+
+@functools.cache
+def default_patchifier(device: int = 0) -> CudaPatchifier:
+    """The process-wide CudaPatchifier for `device` (module loading costs a few ms once)."""
+    return CudaPatchifier(device)
+
+
+def patchify_cuda(image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32,
+                  stream: int | None = None, device: int = 0) -> CudaPatches:
+    """GPU twin of kernels.patchify: normalised NCHW tiles in device memory.
+
+    Args:
+        image: RGB uint8 array (H, W, 3) on the host.
+        cfg: tiling policy, tile size, mean/std, roi_crop.
+        dtype: np.float32 or np.float16.
+        stream: CUstream handle to order the work on; None runs on the default stream and waits.
+        device: CUDA device ordinal.
+
+    Returns:
+        CudaPatches (free with close() or a with-block).
+
+    Raises:
+        ValueError: bad image or dtype. CudaError: no usable GPU. MissingDependencyError: no cuda-python.
+    """
+    return default_patchifier(device).patchify(image, cfg, dtype=dtype, stream=stream)
+
+
+def find_fundus_roi_cuda(image: np.ndarray, threshold: float = 20.0, device: int = 0) -> tuple[int, int, int, int] | None:
+    """GPU twin of kernels.find_fundus_roi."""
+    return default_patchifier(device).find_roi(image, threshold)
