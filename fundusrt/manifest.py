@@ -45,12 +45,17 @@ class TensorSpec:
 
 @dataclass
 class ComponentSpec:
-    """A component file with its sha256 and I/O."""
+    """A component file with its sha256 and I/O.
+
+    `data_files` maps ONNX external-data files (weights of components over the 2 GiB protobuf limit)
+    to their sha256; they must sit beside `file`.
+    """
 
     file: str
     sha256: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    data_files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ComponentSpec:
@@ -59,6 +64,7 @@ class ComponentSpec:
             sha256=d["sha256"],
             inputs=[from_dict(TensorSpec, t) for t in d["inputs"]],
             outputs=[from_dict(TensorSpec, t) for t in d["outputs"]],
+            data_files=dict(d.get("data_files", {})),
         )
 
 
@@ -190,6 +196,8 @@ class Manifest:
         """Check every file the manifest names exists and matches its sha256; raise PackageError listing all mismatches."""
         root = Path(package_dir)
         expected = {spec.file: spec.sha256 for spec in self.components.values()}
+        for spec in self.components.values():
+            expected.update(spec.data_files)
         expected[self.tokenizer] = self.tokenizer_sha256
         problems = []
         for rel, digest in expected.items():
@@ -218,10 +226,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsync'd temporary file in the same directory and an atomic rename."""
+    """Write `data` to `path` via a fsync'd temporary file in the same directory and an atomic rename.
+
+    The file gets the usual 0644 permissions (mkstemp alone would leave it owner-only).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

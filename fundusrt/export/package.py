@@ -1,0 +1,129 @@
+"""`export_package`: a checkpoint -> a model package directory (ONNX components, tokenizer, manifest)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from fundusrt.export.onnx import OPSET, component_exports, decoder_spec, export_component
+from fundusrt.manifest import (
+    COMPONENTS,
+    MANIFEST_NAME,
+    ComponentSpec,
+    Manifest,
+    TensorSpec,
+    atomic_write_text,
+    sha256_file,
+)
+from fundusrt.models.loader import CheckpointError, detect_layout, load
+
+DEFAULT_QUESTIONS = [
+    "Describe the findings in this fundus photograph.",
+    "What is the diabetic retinopathy grade?",
+]
+_ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16"}
+
+
+class ExportError(Exception):
+    """The package could not be written; nothing is left at the destination."""
+
+
+def _tensor_specs(values: object) -> list[TensorSpec]:
+    specs = []
+    for value in values:  # type: ignore[attr-defined]
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim]
+        specs.append(TensorSpec(name=value.name, dtype=_ONNX_DTYPES.get(tensor_type.elem_type, "unknown"),
+                                shape=shape))
+    return specs
+
+
+def _component_spec(path: Path, data: list[Path]) -> ComponentSpec:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return ComponentSpec(file=path.name, sha256=sha256_file(path), inputs=_tensor_specs(graph.input),
+                         outputs=_tensor_specs(graph.output),
+                         data_files={file.name: sha256_file(file) for file in data})
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"onnx_opset": str(OPSET)}
+    for dist in ("torch", "transformers", "onnx", "onnxscript", "fundusrt"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: int = 4096,
+                   max_tiles: int | None = None, overwrite: bool = False) -> Path:
+    """Export a checkpoint into a model package.
+
+    The package is assembled in a temporary sibling directory and renamed into place at the end,
+    so a failed export never leaves a partial package.
+
+    Args:
+        checkpoint: checkpoint directory (any layout `fundusrt.models.load` knows).
+        out_dir: package directory to create.
+        max_seq_len: longest prompt + answer the runtime may run (sizes its KV cache).
+        max_tiles: most grid tiles per image (default: the checkpoint's tiling.max_tiles).
+        overwrite: replace an existing `out_dir`.
+
+    Returns:
+        the package directory.
+    """
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; choose another --out or pass overwrite=True (--force)")
+    layout = detect_layout(checkpoint)
+    model = load(checkpoint, layout=layout)
+    config = model.config
+    max_positions = config.text.config.get("max_position_embeddings")
+    if max_seq_len < 1 or (max_positions and max_seq_len > max_positions):
+        raise ExportError(f"max_seq_len {max_seq_len} must be in 1..{max_positions} (the decoder's positions)")
+    tiling = dataclasses.replace(config.tiling, max_tiles=max_tiles or config.tiling.max_tiles)
+    if tiling.max_tiles < tiling.min_tiles:
+        raise ExportError(f"max_tiles {tiling.max_tiles} is below the checkpoint's min_tiles {tiling.min_tiles}")
+    image_tokens = (tiling.max_tiles + int(tiling.use_thumbnail)) * config.tokens_per_tile
+    if image_tokens >= max_seq_len:
+        raise ExportError(f"one image of {tiling.max_tiles} tiles needs {image_tokens} tokens, more than "
+                          f"max_seq_len {max_seq_len}; raise max_seq_len or lower max_tiles")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        components = {}
+        for name, component in component_exports(model).items():
+            path, *data = export_component(component, staging / f"{name}.onnx")
+            components[name] = _component_spec(path, data)
+        tokenizer_path = staging / "tokenizer.json"
+        atomic_write_text(tokenizer_path, model.tokenizer.to_str())
+        manifest = Manifest(
+            name=config.name, family=config.family or config.connector.type,
+            components={name: components[name] for name in COMPONENTS},
+            decoder=decoder_spec(model, max_seq_len), preprocessing=tiling, prompt=model.prompt,
+            tokenizer=tokenizer_path.name, tokenizer_sha256=sha256_file(tokenizer_path),
+            default_questions=list(DEFAULT_QUESTIONS), tool_versions=_tool_versions(),
+            source={"layout": layout, "checkpoint": checkpoint.resolve().name},
+        )
+        manifest.save(staging)
+        Manifest.load(staging).verify(staging)
+        # mkdtemp/mkstemp create owner-only modes; a package is a shared, read-only artifact.
+        staging.chmod(0o755)
+        for file in staging.iterdir():
+            file.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["MANIFEST_NAME", "CheckpointError", "ExportError", "export_package"]

@@ -1,0 +1,210 @@
+"""ONNX Runtime backend (CPU, CUDA and TensorRT execution providers).
+
+Sessions are created once per package with full graph optimisation. The decoder's KV cache lives in
+ORT values between steps, through IO binding:
+
+- zero-copy: each step's `present.*` outputs are bound as the next step's `past_key_values.*`
+  inputs without leaving ORT (on CUDA they stay on the GPU); in `decode` the embed session's output
+  is bound straight into the decoder the same way. Past values are never written to (every step
+  allocates its presents from ORT's arena, which reuses freed blocks), so `fork()` shares them
+  instead of copying.
+- copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id and
+  positions of each step (a few bytes), and the logits back to numpy (vocab floats per step).
+  The exported decoder concatenates past and new keys, so a fixed preallocated cache written in
+  place would need a decoder exported with in-place KV updates, which this package format has not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fundusrt._deps import require
+from fundusrt.manifest import DecoderSpec, Manifest, PackageError
+from fundusrt.runtime.backends.base import BackendError, PackageSessions
+
+ort = require("onnxruntime", "the ONNX Runtime backend")
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+_DEVICE_FOR_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+# Decoder inputs/outputs that are not KV (the exporter's names, see fundusrt.manifest).
+_EMBEDS, _MASK, _POSITIONS, _LOGITS = "inputs_embeds", "attention_mask", "position_ids", "logits"
+
+
+def unavailable_reason(providers: list[str]) -> str | None:
+    """None when the first (preferred) provider is in this onnxruntime build, else what to install."""
+    present = ort.get_available_providers()
+    if providers[0] in present:
+        return None
+    return (f"{providers[0]} is not in this onnxruntime build (it has {', '.join(present)}); "
+            "install onnxruntime-gpu in place of onnxruntime for the CUDA/TensorRT providers")
+
+
+def _numpy_type(onnx_type: str, where: str) -> type:
+    if onnx_type not in _NUMPY_TYPES:
+        raise PackageError(f"{where} has element type {onnx_type}, which this runtime does not feed")
+    return _NUMPY_TYPES[onnx_type]
+
+
+class OrtSession:
+    """A stateless component session: casts inputs to the model's types and returns numpy outputs."""
+
+    def __init__(self, session: Any, component: str) -> None:
+        self.session = session
+        self.component = component
+        self.input_types = {i.name: _numpy_type(i.type, f"{component} input {i.name}") for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on named numpy inputs; return every output by name."""
+        missing = set(self.input_types) - set(inputs)
+        if missing:
+            raise ValueError(f"{self.component} needs inputs {sorted(missing)}; got {sorted(inputs)}")
+        feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+
+
+class OrtDecoderSession:
+    """The decoder with its KV cache as ORT values (see the module docstring for what is copied)."""
+
+    def __init__(self, session: Any, embed: OrtSession, spec: DecoderSpec, device: str) -> None:
+        self._session = session
+        self._embed = embed
+        self._spec = spec
+        self._device = device
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        layers = range(spec.num_layers)
+        self._past_names = [t % i for i in layers for t in (spec.past_key, spec.past_value)]
+        self._present_names = [t % i for i in layers for t in (spec.present_key, spec.present_value)]
+        want_in = [_EMBEDS, _MASK, _POSITIONS, *self._past_names]
+        want_out = [_LOGITS, *self._present_names]
+        missing = [n for n in want_in if n not in inputs] + [n for n in want_out if n not in outputs]
+        if missing:
+            raise PackageError(f"decoder.onnx lacks {missing} that the manifest's decoder spec names "
+                               f"(it has inputs {sorted(inputs)}, outputs {outputs}); re-export the package")
+        self._embeds_type = _numpy_type(inputs[_EMBEDS].type, "decoder inputs_embeds")
+        self._kv_type = _numpy_type(inputs[self._past_names[0]].type, "decoder past key")
+        self._embed_input = next(iter(embed.input_types))
+        self._embed_output = embed.output_names[0]
+        self._past: list[Any] = []
+        self._seq_len = 0
+        self.reset()
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens currently held in the KV cache."""
+        return self._seq_len
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the package allows."""
+        return self._spec.max_seq_len
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        empty = np.zeros((1, self._spec.num_kv_heads, 0, self._spec.head_dim), dtype=self._kv_type)
+        value = ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)
+        self._past = [value] * len(self._past_names)
+        self._seq_len = 0
+
+    def fork(self) -> OrtDecoderSession:
+        """A session starting from this cache; past ORT values are read-only, so they are shared."""
+        other = object.__new__(OrtDecoderSession)
+        other.__dict__.update(self.__dict__)
+        other._past = list(self._past)
+        return other
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append `inputs_embeds` (1, seq, hidden) to the cache; return the last position's logits (vocab,)."""
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != 1 or inputs_embeds.shape[2] != self._spec.hidden_size:
+            raise ValueError(f"prefill needs inputs_embeds of shape (1, seq, {self._spec.hidden_size}), "
+                             f"got {inputs_embeds.shape}")
+        embeds = np.ascontiguousarray(inputs_embeds, dtype=self._embeds_type)
+        return self._step(ort.OrtValue.ortvalue_from_numpy(embeds, self._device, 0), embeds.shape[1])
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Embed `token_id` (on the device), append it to the cache and return the next logits (vocab,)."""
+        binding = self._embed.session.io_binding()
+        binding.bind_cpu_input(self._embed_input, np.array([[token_id]], dtype=np.int64))
+        binding.bind_output(self._embed_output, self._device)
+        self._embed.session.run_with_iobinding(binding)
+        return self._step(binding.get_outputs()[0], 1)
+
+    def _step(self, embeds: Any, seq: int) -> np.ndarray:
+        total = self._seq_len + seq
+        if total > self._spec.max_seq_len:
+            raise ValueError(f"sequence of {total} tokens exceeds the package's max_seq_len "
+                             f"{self._spec.max_seq_len}")
+        binding = self._session.io_binding()
+        binding.bind_ortvalue_input(_EMBEDS, embeds)
+        binding.bind_cpu_input(_MASK, np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input(_POSITIONS, np.arange(self._seq_len, total, dtype=np.int64)[None])
+        for name, value in zip(self._past_names, self._past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(_LOGITS, "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self._device)
+        binding.synchronize_inputs()
+        self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        outputs = binding.get_outputs()
+        self._past = [outputs[i] for i in range(1, len(outputs))]
+        self._seq_len = total
+        return outputs[0].numpy().reshape(-1, outputs[0].shape()[-1])[-1]
+
+
+def _session_options(threads: int | None) -> Any:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is not None:
+        if threads < 1:
+            raise BackendError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
+    # Components run one after another, so inter-op parallelism only adds idle threads.
+    options.inter_op_num_threads = 1
+    return options
+
+
+def _create(path: Path, component: str, providers: list[str], threads: int | None) -> Any:
+    try:
+        return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=providers)
+    except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
+        raise PackageError(f"ONNX Runtime cannot load {component} ({path.name}): {exc}") from exc
+
+
+def _check_io(session: Any, manifest: Manifest, component: str) -> None:
+    spec = manifest.components[component]
+    declared = {t.name for t in spec.inputs}
+    actual = {i.name for i in session.get_inputs()}
+    if declared != actual:
+        raise PackageError(f"{spec.file} inputs {sorted(actual)} differ from the manifest's {sorted(declared)}; "
+                           "re-export the package")
+
+
+def open_package(package_dir: Path, manifest: Manifest, *, threads: int | None,
+                 providers: list[str]) -> PackageSessions:
+    """Create the four sessions of a package (once; they are reused for every image and token)."""
+    raw = {}
+    for component, spec in manifest.components.items():
+        raw[component] = _create(package_dir / spec.file, component, providers, threads)
+        _check_io(raw[component], manifest, component)
+    device = _DEVICE_FOR_PROVIDER.get(raw["decoder"].get_providers()[0], "cpu")
+    embed = OrtSession(raw["embed"], "embed")
+    return PackageSessions(
+        vision=OrtSession(raw["vision"], "vision"),
+        connector=OrtSession(raw["connector"], "connector"),
+        embed=embed,
+        decoder=OrtDecoderSession(raw["decoder"], embed, manifest.decoder, device),
+        backend="",
+        details={"providers": raw["decoder"].get_providers(), "device": device, "threads": threads},
+    )

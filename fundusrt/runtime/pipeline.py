@@ -1,0 +1,260 @@
+"""The Python API: load a model package, ask questions about fundus images, run whole DICOM studies.
+
+    pipe = fundusrt.load_package("pkg/")
+    answer = pipe.ask(image_uint8_hwc, "Is there diabetic retinopathy?")
+    report = pipe.run_study("study_dir/")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from fundusrt import __version__
+from fundusrt.config import GenerationConfig
+from fundusrt.dicom import Study, read_study
+from fundusrt.kernels import patchify
+from fundusrt.manifest import MANIFEST_NAME, Manifest, PackageError, sha256_file
+from fundusrt.prompt import PromptError, build_input_ids
+from fundusrt.runtime.backends.base import DecoderSession, PackageSessions, open_package
+from fundusrt.runtime.generation import TextStream, generate_tokens
+from fundusrt.runtime.report import FileError, ImageResult, QuestionAnswer, StudyReport
+from fundusrt.runtime.sampling import sampler_from_config
+
+# Asked when neither the caller nor the package names questions.
+DEFAULT_QUESTIONS = (
+    "Describe the findings in this fundus photograph.",
+    "What is the diabetic retinopathy grade of this eye?",
+)
+SUPPORTED_IMAGE_LAYOUTS = ("flat",)
+
+
+class NoFundusImageError(ValueError):
+    """A study holds no usable fundus image."""
+
+
+@dataclass
+class Answer:
+    """A generated answer with its ids and per-stage timings (ms; `tokens_per_s` for decoding)."""
+
+    text: str
+    token_ids: list[int]
+    num_tiles: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _EncodedImage:
+    image_embeds: np.ndarray  # (image tokens, hidden), tiles in order
+    num_tiles: int
+    timings: dict[str, float]
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _common_prefix(sequences: Sequence[np.ndarray]) -> int:
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0][:shortest]
+    same = np.ones(shortest, dtype=bool)
+    for s in sequences[1:]:
+        same &= s[:shortest] == first
+    return shortest if same.all() else int(np.argmin(same))
+
+
+class Pipeline:
+    """A loaded model package: sessions created once, reused for every image and question."""
+
+    def __init__(self, package_dir: Path, manifest: Manifest, sessions: PackageSessions, tokenizer: Tokenizer,
+                 manifest_sha256: str) -> None:
+        self.package_dir = package_dir
+        self.manifest = manifest
+        self.sessions = sessions
+        self.tokenizer = tokenizer
+        self.manifest_sha256 = manifest_sha256
+
+    def package_info(self) -> dict[str, object]:
+        """Identity of the package and backend, as written into reports."""
+        m = self.manifest
+        return {"name": m.name, "family": m.family, "precision": m.precision, "manifest_sha256": self.manifest_sha256,
+                "backend": self.sessions.backend, "fundusrt_version": __version__}
+
+    def ask(self, image: np.ndarray, question: str, gen: GenerationConfig | None = None,
+            on_token: Callable[[str], None] | None = None) -> Answer:
+        """Answer one question about one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            question: the user text (an image placeholder is added when it has none).
+            gen: decoding settings (default: greedy, 128 new tokens).
+            on_token: called with each new piece of answer text as it is generated.
+        """
+        return self.ask_many(image, [question], gen, on_token)[0]
+
+    def ask_many(self, image: np.ndarray, questions: Sequence[str], gen: GenerationConfig | None = None,
+                 on_token: Callable[[str], None] | None = None) -> list[Answer]:
+        """Answer several questions about one image, encoding the image and prefilling the shared prompt once.
+
+        The prompt up to the first difference between questions (system text, image tokens) is
+        prefilled once and each question continues from a fork of that cache.
+        """
+        if not questions:
+            raise ValueError("no questions to ask")
+        gen = gen or GenerationConfig()
+        encoded = self._encode_image(image)
+        prompts = [self._prompt_embeds(encoded, q) for q in questions]
+        shared = _common_prefix([ids for ids, _ in prompts]) if len(prompts) > 1 else 0
+        shared = min(shared, min(len(ids) for ids, _ in prompts) - 1)  # each question prefills >= 1 token
+        decoder = self.sessions.decoder
+        decoder.reset()
+        prefix_ms = 0.0
+        if shared > 0:
+            start = time.perf_counter()
+            decoder.prefill(prompts[0][1][:, :shared])
+            prefix_ms = _ms(start)
+        answers = []
+        for (ids, embeds), question in zip(prompts, questions, strict=True):
+            fork = decoder.fork() if shared > 0 else decoder
+            if shared == 0:
+                fork.reset()
+            answer = self._generate(fork, ids, embeds[:, shared:], encoded.num_tiles, gen, on_token)
+            answer.timings = {**encoded.timings, "shared_prefill_ms": prefix_ms, **answer.timings}
+            answers.append(answer)
+        return answers
+
+    def run_study(self, source: str | Path | Sequence[str | Path] | Study, questions: Sequence[str] | None = None,
+                  gen: GenerationConfig | None = None) -> StudyReport:
+        """Answer the questions for every fundus image of a study and assemble the report.
+
+        Args:
+            source: a DICOM file, a folder, a list of files, or an already read Study.
+            questions: defaults to the package's default questions, else DEFAULT_QUESTIONS.
+            gen: decoding settings.
+
+        Raises:
+            NoFundusImageError: the study has no fundus image, or none could be answered; the
+                message says why for each file.
+        """
+        start = time.perf_counter()
+        study = source if isinstance(source, Study) else read_study(source)
+        questions = list(questions or self.manifest.default_questions or DEFAULT_QUESTIONS)
+        errors = [FileError(str(f.file), f.status, f.reason) for f in study.errors()]
+        if not study.images:
+            detail = "; ".join(f"{e.file}: {e.status}: {e.reason}" for e in errors) or "no files were found"
+            raise NoFundusImageError(f"the study has no fundus image ({detail})")
+        results = []
+        for image in study.images:
+            image_start = time.perf_counter()
+            try:
+                answers = self.ask_many(image.pixels, questions, gen)
+            except ValueError as exc:  # PromptError included: one unusable image must not sink the study
+                errors.append(FileError(str(image.source), "error", f"image {image.sop_instance_uid}: {exc}"))
+                continue
+            results.append(ImageResult(
+                sop_instance_uid=image.sop_instance_uid, series_instance_uid=image.series_instance_uid,
+                frame_index=image.frame_index, laterality=image.laterality, source=str(image.source),
+                num_tiles=answers[0].num_tiles,
+                answers=[QuestionAnswer(q, a.text, len(a.token_ids), a.finish_reason, a.timings)
+                         for q, a in zip(questions, answers, strict=True)],
+                timings={"total_ms": _ms(image_start)},
+            ))
+        if not results:
+            raise NoFundusImageError("no fundus image of the study could be answered: "
+                                     + "; ".join(f"{e.file}: {e.reason}" for e in errors))
+        return StudyReport(study_instance_uid=study.study_instance_uid, package=self.package_info(),
+                           images=results, errors=errors, timings={"total_ms": _ms(start)})
+
+    def _encode_image(self, image: np.ndarray) -> _EncodedImage:
+        start = time.perf_counter()
+        patches = patchify(image, self.manifest.preprocessing)
+        timings = {"patchify_ms": _ms(start)}
+        vision, connector = self.manifest.components["vision"], self.manifest.components["connector"]
+        start = time.perf_counter()
+        features = self.sessions.vision.run({vision.inputs[0].name: patches.pixel_values})[vision.outputs[0].name]
+        timings["vision_ms"] = _ms(start)
+        start = time.perf_counter()
+        embeds = self.sessions.connector.run({connector.inputs[0].name: features})[connector.outputs[0].name]
+        timings["connector_ms"] = _ms(start)
+        return _EncodedImage(embeds.reshape(-1, embeds.shape[-1]), patches.num_tiles, timings)
+
+    def _prompt_embeds(self, encoded: _EncodedImage, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt ids and their embeddings with the image features spliced at the image-token positions."""
+        spec, limit = self.manifest.prompt, self.manifest.decoder.max_seq_len
+        ids = build_input_ids(spec, self.tokenizer, question, [len(encoded.image_embeds)])
+        if len(ids) >= limit:
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens ({len(encoded.image_embeds)} image tokens for {encoded.num_tiles} "
+                f"tiles) but package {self.manifest.name!r} allows {limit} (prompt plus answer); "
+                "use a shorter question or an image that needs fewer tiles")
+        embed = self.manifest.components["embed"]
+        embeds = self.sessions.embed.run({embed.inputs[0].name: ids[None]})[embed.outputs[0].name]
+        positions = ids == spec.image_token_id
+        if int(positions.sum()) != len(encoded.image_embeds):
+            raise PromptError(f"the prompt has {int(positions.sum())} image tokens for "
+                              f"{len(encoded.image_embeds)} image features; the question must not contain "
+                              f"the image token {spec.image_token!r}")
+        embeds[0, positions] = encoded.image_embeds.astype(embeds.dtype, copy=False)
+        return ids, embeds
+
+    def _generate(self, decoder: DecoderSession, ids: np.ndarray, embeds: np.ndarray, num_tiles: int,
+                  gen: GenerationConfig, on_token: Callable[[str], None] | None) -> Answer:
+        max_new = min(gen.max_new_tokens, self.manifest.decoder.max_seq_len - len(ids))
+        stops = set(self.manifest.prompt.stop_token_ids) | set(gen.stop_token_ids)
+        stream = TextStream(self.tokenizer, gen.stop_strings, on_token)
+        tokens = generate_tokens(decoder, embeds, sampler_from_config(gen), max_new_tokens=max_new,
+                                 stop_token_ids=stops, prompt_ids=ids.tolist())
+        token_ids: list[int] = []
+        start = time.perf_counter()
+        first_ms = 0.0
+        for token in tokens:
+            if not token_ids:
+                first_ms = _ms(start)
+            token_ids.append(token)
+            if stream.push(token):
+                tokens.close()
+                break
+        total_ms = _ms(start)
+        if not token_ids:
+            first_ms = total_ms
+        decode_ms = total_ms - first_ms
+        text = stream.finish()
+        reason = "stop_string" if stream.stopped else "length" if len(token_ids) == max_new else "stop_token"
+        # prefill_ms is the time to the first token; decoding speed counts the tokens after it.
+        steps = len(token_ids) - 1
+        return Answer(text=text, token_ids=token_ids, num_tiles=num_tiles, finish_reason=reason, timings={
+            "prefill_ms": first_ms, "decode_ms": decode_ms, "prompt_tokens": float(len(ids)),
+            "tokens_per_s": steps / (decode_ms / 1000.0) if steps > 0 and decode_ms > 0 else 0.0,
+        })
+
+
+def load_package(path: str | Path, backend: str = "ort-cpu", threads: int | None = None) -> Pipeline:
+    """Verify a model package (sha256 of every file) and open it with a backend.
+
+    Args:
+        path: the package directory (holding manifest.json).
+        backend: a registered backend name ("ort-cpu", "ort-cuda", "ort-trt").
+        threads: intra-op threads per session (None: the backend's default).
+
+    Raises:
+        PackageError: the package is missing, malformed, tampered with, or uses an unsupported layout.
+        BackendError: the backend is unknown or not installed here.
+    """
+    package_dir = Path(path)
+    manifest = Manifest.load(package_dir)
+    manifest.verify(package_dir)
+    if manifest.prompt.image_layout not in SUPPORTED_IMAGE_LAYOUTS:
+        raise PackageError(f"package image_layout {manifest.prompt.image_layout!r} is not supported by this runtime "
+                           f"(supported: {', '.join(SUPPORTED_IMAGE_LAYOUTS)})")
+    try:
+        tokenizer = Tokenizer.from_file(str(package_dir / manifest.tokenizer))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise PackageError(f"cannot read the package tokenizer {manifest.tokenizer}: {exc}") from exc
+    sessions = open_package(backend, package_dir, manifest, threads=threads)
+    return Pipeline(package_dir, manifest, sessions, tokenizer, sha256_file(package_dir / MANIFEST_NAME))

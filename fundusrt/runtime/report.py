@@ -1,0 +1,111 @@
+"""Study reports: what the runtime found for each image and each eye, as JSON and as plain text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fundusrt.manifest import atomic_write_text
+
+EYE_NAMES = {"R": "Right eye (OD)", "L": "Left eye (OS)"}
+UNKNOWN_EYE = "unknown"
+
+
+@dataclass
+class QuestionAnswer:
+    """One question asked about one image and the generated answer."""
+
+    question: str
+    answer: str
+    num_tokens: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult:
+    """The answers for one fundus image."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    frame_index: int  # frames of one multi-frame file (a stereo pair) share the SOP Instance UID
+    laterality: str | None
+    source: str
+    num_tiles: int
+    answers: list[QuestionAnswer]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FileError:
+    """A file (or image) that could not be used, and why."""
+
+    file: str
+    status: str
+    reason: str
+
+
+@dataclass
+class StudyReport:
+    """Everything `Pipeline.run_study` produced for one study.
+
+    `eyes` is derived from `images`: per laterality ("R", "L", and "unknown" when an image has none),
+    the answers of that eye's images assembled into a short text.
+    """
+
+    study_instance_uid: str | None
+    package: dict[str, Any]
+    images: list[ImageResult]
+    errors: list[FileError]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def eyes(self) -> dict[str, dict[str, Any]]:
+        """Per-eye reports: {laterality: {"images": [sop uids], "report": text}}, in R, L, unknown order."""
+        grouped: dict[str, list[ImageResult]] = {}
+        for image in self.images:
+            grouped.setdefault(image.laterality or UNKNOWN_EYE, []).append(image)
+        return {
+            eye: {"images": [i.sop_instance_uid for i in grouped[eye]], "report": _eye_text(grouped[eye])}
+            for eye in ("R", "L", UNKNOWN_EYE) if eye in grouped
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (see `write_json`)."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "package": self.package,
+            "images": [asdict(i) for i in self.images],
+            "eyes": self.eyes(),
+            "errors": [asdict(e) for e in self.errors],
+            "timings": self.timings,
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write the report as JSON, atomically."""
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    def render_text(self) -> str:
+        """A plain-text rendering: per-eye reports, then files that could not be used."""
+        lines = [f"Study {self.study_instance_uid or '(no StudyInstanceUID)'} - model {self.package.get('name', '?')}"]
+        for eye, report in self.eyes().items():
+            title = EYE_NAMES.get(eye, "Eye not recorded")
+            lines += ["", f"{title}: {len(report['images'])} image(s)", report["report"]]
+        if self.errors:
+            lines += ["", f"Not used ({len(self.errors)}):"]
+            lines += [f"  {e.file}: {e.status}: {e.reason}" for e in self.errors]
+        if "total_ms" in self.timings:
+            lines += ["", f"Total {self.timings['total_ms'] / 1000:.1f} s"]
+        return "\n".join(lines) + "\n"
+
+
+def _eye_text(images: list[ImageResult]) -> str:
+    lines = []
+    for n, image in enumerate(images, 1):
+        prefix = f"  [image {n}] " if len(images) > 1 else "  "
+        for qa in image.answers:
+            lines.append(f"{prefix}{qa.question} {qa.answer.strip() or '(no answer)'}")
+    return "\n".join(lines)
