@@ -6,6 +6,7 @@ yet the exported graphs run with 1 tile, batch 1, one new token and an empty (le
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ def export_component(component: ComponentExport, path: Path) -> list[Path]:
     """
     weight_bytes = sum(p.numel() * p.element_size() for p in component.module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
+    # The op registry warns once per torchvision op when torchvision is absent; our graphs use none.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         # The exporter warns when several inputs share one named axis, which is the intent here.
         warnings.simplefilter("ignore", UserWarning)
