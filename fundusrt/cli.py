@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "study": ("fundusrt.dicom.cli", "show what the reader finds in a DICOM file, folder or list"),
     "export": ("fundusrt.export.cli", "export a checkpoint into a model package (ONNX + manifest)"),
     "run": ("fundusrt.runtime.cli", "run a DICOM study through a model package and report findings"),
+    "serve": ("fundusrt.node.cli", "run the DICOM node: receive studies, send findings back as DICOM"),
     "demo": ("fundusrt.demo", "synthetic DICOM study -> demo model package -> findings beside the ground truth"),
 }
 

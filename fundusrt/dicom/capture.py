@@ -1,0 +1,255 @@
+"""Findings a viewer can show without SR support: a Secondary Capture with the boxes drawn, and a PDF.
+
+- `build_capture`: the source frame (decoded by the fundusrt reader) with every grounded box and its
+  label burned in, as an RGB Secondary Capture (highdicom) in the source's study, with a Source
+  Image Sequence pointing back at the frame it was drawn on.
+- `build_pdf_document`: a one-font text PDF written by hand (a report needs no PDF library), and
+  `build_encapsulated_pdf`: it wrapped as an Encapsulated PDF instance (built with pydicom; highdicom
+  has no class for this IOD).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from fundusrt._deps import require
+from fundusrt.dicom.findings import EyeFindings, LesionBox
+from fundusrt.dicom.sr import MANUFACTURER, PDF_SERIES_NUMBER, SC_SERIES_NUMBER, ResultWriteError, save_dataset
+
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+# Colour per region kind (RGB); unknown kinds are drawn white.
+BOX_COLOURS: dict[str | None, tuple[int, int, int]] = {
+    "microaneurysm": (255, 64, 64),
+    "haemorrhage": (255, 0, 255),
+    "hard_exudate": (255, 255, 0),
+    "cotton_wool_spot": (0, 255, 255),
+    "drusen": (64, 255, 64),
+    "neovascularisation": (255, 128, 0),
+    "optic_disc": (64, 128, 255),
+}
+DEFAULT_COLOUR = (255, 255, 255)
+# Attributes of the Patient and General Study modules copied into the PDF instance.
+PATIENT_STUDY_ATTRIBUTES = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "StudyDescription",
+)
+
+
+def line_width(rows: int, columns: int) -> int:
+    """Box outline width in pixels: visible on a 4000 px photograph, not heavy on a 400 px one."""
+    return max(2, min(rows, columns) // 250)
+
+
+def draw_boxes(pixels: np.ndarray, lesions: Sequence[LesionBox]) -> np.ndarray:
+    """A copy of `pixels` (H, W, 3 uint8) with each box outlined in its kind's colour and labelled."""
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ResultWriteError(f"expected an (H, W, 3) uint8 RGB image, got {pixels.dtype} {pixels.shape}")
+    rows, columns = pixels.shape[:2]
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    width = line_width(rows, columns)
+    font = ImageFont.load_default(size=max(10, min(rows, columns) // 40))
+    for lesion in lesions:
+        x1, y1, x2, y2 = (round(v) for v in lesion.to_pixels(rows, columns))
+        colour = BOX_COLOURS.get(lesion.kind, DEFAULT_COLOUR)
+        draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=colour, width=width)
+        # Label above the box, or inside it when the box touches the top edge.
+        left, top, right, bottom = draw.textbbox((0, 0), lesion.label, font=font)
+        ty = y1 - (bottom - top) - 2 * width if y1 - (bottom - top) - 2 * width >= 0 else y1 + width
+        draw.rectangle((x1, ty, x1 + right - left + 2 * width, ty + bottom - top + width), fill=(0, 0, 0))
+        draw.text((x1 + width - left, ty - top), lesion.label, fill=colour, font=font)
+    return np.asarray(image)
+
+
+def _source_frame(source_path: str | Path, sop_instance_uid: str, frame_index: int) -> Any:
+    from fundusrt.dicom import read_dicom_file  # the reader owns decoding; imported late to avoid a cycle
+
+    images, result = read_dicom_file(source_path)
+    for image in images:
+        if image.sop_instance_uid == sop_instance_uid and image.frame_index == frame_index:
+            return image
+    raise ResultWriteError(f"frame {frame_index} of image {sop_instance_uid} could not be read from "
+                           f"{source_path}: {result.status}: {result.reason}")
+
+
+def build_capture(source_path: str | Path, lesions: Sequence[LesionBox], frame_index: int = 0,
+                  instance_number: int = 1, series_instance_uid: str | None = None) -> Any:
+    """A Secondary Capture of one source frame with `lesions` drawn on it.
+
+    Args:
+        source_path: the source DICOM file (its SOPInstanceUID must be the lesions').
+        lesions: boxes on that frame.
+        frame_index: 0-based frame of the source.
+        instance_number: of the new instance within its series.
+        series_instance_uid: put several captures of one study in one series (default: a new series).
+
+    Raises:
+        ResultWriteError: the source cannot be read, or the lesions are on another image.
+    """
+    hd = require("highdicom", "writing DICOM Secondary Capture")
+    pydicom = require("pydicom")
+    ref = pydicom.dcmread(source_path, stop_before_pixels=True)
+    wrong = {les.sop_instance_uid for les in lesions} - {ref.SOPInstanceUID}
+    if wrong:
+        raise ResultWriteError(f"boxes of image(s) {sorted(wrong)} cannot be drawn on {ref.SOPInstanceUID}")
+    image = _source_frame(source_path, ref.SOPInstanceUID, frame_index)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=draw_boxes(image.pixels, lesions),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        # highdicom needs a patient orientation for a PATIENT coordinate system; a fundus photograph has none
+        # in the DICOM sense, so the placeholder is replaced by the source's value (type 2C: may be empty) below.
+        coordinate_system="PATIENT",
+        patient_orientation=("L", "F"),
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
+    sc.PatientOrientation = ref.get("PatientOrientation", "")
+    if ref.get("ImageLaterality") in ("R", "L"):
+        sc.Laterality = ref.ImageLaterality
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = "fundusrt findings (boxes)"
+    sc.DerivationDescription = f"Grounded regions drawn by fundusrt on frame {frame_index + 1} of the source"
+    sc.SourceImageSequence = [_source_item(ref, frame_index)]
+    return sc
+
+
+def _source_item(ref: Any, frame_index: int) -> Any:
+    pydicom = require("pydicom")
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = ref.SOPClassUID
+    item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    if int(ref.get("NumberOfFrames", 1) or 1) > 1:
+        item.ReferencedFrameNumber = frame_index + 1
+    return item
+
+
+def write_capture(source_path: str | Path, lesions: Sequence[LesionBox], path: str | Path,
+                  frame_index: int = 0, instance_number: int = 1, series_instance_uid: str | None = None) -> Path:
+    """Build a Secondary Capture (see `build_capture`) and write it (atomically; never over a file)."""
+    return save_dataset(build_capture(source_path, lesions, frame_index, instance_number, series_instance_uid),
+                        Path(path))
+
+
+def report_lines(eyes: Sequence[EyeFindings], package: dict[str, Any]) -> list[str]:
+    """The text of the PDF report: per eye the coded findings, the lesions and the generated text."""
+    lines = [f"fundusrt report - model {package.get('name', '?')} ({package.get('precision', '?')})",
+             f"manifest sha256 {package.get('manifest_sha256', '?')}", ""]
+    for eye in eyes:
+        lines.append({"R": "Right eye (OD)", "L": "Left eye (OS)"}.get(eye.laterality or "", "Eye not recorded"))
+        lines.append(f"  DR grade: {eye.dr_grade_name or 'not stated'}; referable: "
+                     f"{'not stated' if eye.referable is None else ('yes' if eye.referable else 'no')}; "
+                     f"AMD: {'not stated' if eye.amd is None else ('yes' if eye.amd else 'no')}")
+        lines += [f"  {les.label}: box {list(les.box)} (0-999) on image {les.sop_instance_uid}" for les in eye.lesions]
+        lines += [f"  {text}" for text in eye.text.splitlines()]
+        lines.append("")
+    lines.append("Generated by a machine-learning model; to be reviewed by a clinician.")
+    return lines
+
+
+def _pdf_text(line: str) -> bytes:
+    # Helvetica with WinAnsi covers Latin-1; anything else becomes '?', and PDF string syntax is escaped.
+    raw = line.encode("latin-1", errors="replace")
+    return raw.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
+
+
+def build_pdf_document(lines: Sequence[str], lines_per_page: int = 60) -> bytes:
+    """A minimal valid PDF 1.4 (Helvetica 9 pt, A4) holding `lines`, wrapped at 110 characters."""
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped += [line[i:i + 110] for i in range(0, len(line), 110)] or [""]
+    pages = [wrapped[i:i + lines_per_page] for i in range(0, len(wrapped), lines_per_page)] or [[]]
+    # Objects: 1 catalog, 2 pages, 3 font, then (page, content) pairs.
+    objects: list[bytes] = [b"", b"", b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"]
+    kids = []
+    for page in pages:
+        stream = b"BT /F1 9 Tf 11 TL 40 800 Td\n" + b"".join(b"(" + _pdf_text(t) + b") Tj T*\n" for t in page) + b"ET"
+        page_no, content_no = len(objects) + 1, len(objects) + 2
+        kids.append(f"{page_no} 0 R".encode())
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >> "
+                       b"/Contents " + f"{content_no} 0 R".encode() + b" >>")
+        objects.append(b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream")
+    objects[0] = b"<< /Type /Catalog /Pages 2 0 R >>"
+    objects[1] = b"<< /Type /Pages /Kids [" + b" ".join(kids) + b"] /Count " + str(len(pages)).encode() + b" >>"
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def build_encapsulated_pdf(pdf: bytes, sources: Sequence[Any], title: str = "fundusrt findings report") -> Any:
+    """An Encapsulated PDF instance in the sources' study (patient/study copied from the first source).
+
+    Raises:
+        ResultWriteError: no sources, sources from several studies, or `pdf` is not a PDF.
+    """
+    pydicom = require("pydicom")
+    if not sources:
+        raise ResultWriteError("an encapsulated PDF needs at least one source image to take the study from")
+    if len({s.StudyInstanceUID for s in sources}) > 1:
+        raise ResultWriteError("the sources belong to several studies; one report per study")
+    if not pdf.startswith(b"%PDF-"):
+        raise ResultWriteError("the document is not a PDF (it does not start with %PDF-)")
+    first = sources[0]
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 192")
+    for keyword in PATIENT_STUDY_ATTRIBUTES:
+        if keyword in first:
+            setattr(ds, keyword, first.data_element(keyword).value)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):  # type 2: present even when empty
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    now = dt.datetime.now()
+    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesNumber = PDF_SERIES_NUMBER
+    ds.SeriesDescription = "fundusrt findings (PDF)"
+    ds.Manufacturer = MANUFACTURER
+    ds.ConversionType = "WSD"
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = title
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.SourceInstanceSequence = [_source_item(s, 0) for s in sources]
+    for item in ds.SourceInstanceSequence:  # whole instances are the source of a report, not frames
+        if "ReferencedFrameNumber" in item:
+            del item.ReferencedFrameNumber
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")  # OB values have even length
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+def write_encapsulated_pdf(eyes: Sequence[EyeFindings], package: dict[str, Any], sources: Sequence[Any],
+                           path: str | Path) -> Path:
+    """Write the findings as an Encapsulated PDF instance (atomically; never over a file)."""
+    return save_dataset(build_encapsulated_pdf(build_pdf_document(report_lines(eyes, package)), sources), Path(path))

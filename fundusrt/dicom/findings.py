@@ -1,0 +1,220 @@
+"""Structured findings per eye, read from the generated answers of a study report.
+
+The model answers in free text; clinics want coded results. This module turns the answers of each
+eye into a DR grade (0-4, the grades of `fundusrt.synth.grading`), a referable flag, an AMD flag
+and lesion boxes, and keeps the text they came from.
+
+Text rules (case-insensitive, applied to every answer of every image of the eye; the worst grade
+found wins, because a clinic refers on the worst image):
+
+- an explicit ``grade N`` (N in 0-4) gives N;
+- otherwise "proliferative" (not preceded by "non"/"non-") gives 4, "severe" 3, "moderate" 2,
+  "mild" 1, each only when the sentence mentions retinopathy, DR or NPDR;
+- "no diabetic retinopathy", "no DR", "no signs of diabetic retinopathy" and "no apparent
+  retinopathy" give 0.
+- AMD: "no AMD" / "no (signs of) age-related macular degeneration" gives False; otherwise a
+  mention of AMD or age-related macular degeneration gives True; no mention gives None.
+- Referable DR is grade >= REFERABLE_GRADE (moderate NPDR or worse).
+- Answers to the closed questions of `fundusrt.synth.instructions` (the questions the demo model
+  is trained on) are read by their canonical answer first: a grade letter A-E, Yes/No for AMD.
+
+Grounded lesions are written by the model as ``<ref>label</ref><box>[[x1,y1,x2,y2]]</box>`` with
+coordinates normalised to 0-999 (InternVL / Qwen-VL convention: pixel = value * size / 1000);
+several boxes may follow one label: ``<box>[[..],[..]]</box>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fundusrt.synth.grading import DR_GRADE_NAMES, REFERABLE_GRADE
+from fundusrt.synth.instructions import GRADE_LETTERS, QUESTIONS, parse_closed_answer
+
+GROUNDING_SCALE = 1000  # box coordinates are bins of size/1000, 0..999
+
+_REF_BOX = re.compile(r"<ref>(?P<label>.*?)</ref>\s*<box>(?P<boxes>.*?)</box>", re.S | re.I)
+_BOX = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
+_GRADE = re.compile(r"\bgrade\s*[:=]?\s*([0-4])\b", re.I)
+_NO_DR = re.compile(r"\bno\s+(?:signs?\s+of\s+|apparent\s+|evidence\s+of\s+)?(?:diabetic\s+retinopathy|dr|retinopathy)\b",
+                    re.I)
+_DR_CONTEXT = re.compile(r"retinopathy|\bn?pdr\b|\bdr\b", re.I)
+_SEVERITY = (  # checked from the worst down
+    (4, re.compile(r"(?<!non)(?<!non-)(?<!non )\bproliferative\b|\bpdr\b", re.I)),
+    (3, re.compile(r"\bsevere\b", re.I)),
+    (2, re.compile(r"\bmoderate\b", re.I)),
+    (1, re.compile(r"\bmild\b", re.I)),
+)
+_NO_AMD = re.compile(r"\bno\s+(?:signs?\s+of\s+|evidence\s+of\s+)?(?:amd|age[- ]related\s+macular\s+degeneration)\b",
+                     re.I)
+_AMD = re.compile(r"\bamd\b|age[- ]related\s+macular\s+degeneration", re.I)
+
+# label words -> region kind: the lesion kinds of fundusrt.synth.grading.LESION_KINDS, and the disc
+_LESION_WORDS = (
+    ("optic disc", "optic_disc"),
+    ("microaneurysm", "microaneurysm"),
+    ("haemorrhage", "haemorrhage"),
+    ("hemorrhage", "haemorrhage"),
+    ("cotton", "cotton_wool_spot"),
+    ("exudate", "hard_exudate"),
+    ("drusen", "drusen"),
+    ("neovascular", "neovascularisation"),
+)
+
+
+class FindingsError(ValueError):
+    """A report or a grounding box cannot be turned into findings."""
+
+
+@dataclass(frozen=True)
+class LesionBox:
+    """A grounded region: the model's label, the kind it names (lesion kind, "optic_disc", None), the box.
+
+    Attributes:
+        box: (x1, y1, x2, y2) normalised to 0-999 as the model wrote it.
+        sop_instance_uid: the image the box was drawn on.
+        frame_index: 0-based frame of that image.
+    """
+
+    label: str
+    kind: str | None
+    box: tuple[int, int, int, int]
+    sop_instance_uid: str
+    frame_index: int = 0
+
+    def to_pixels(self, rows: int, columns: int) -> tuple[float, float, float, float]:
+        """The box in pixel coordinates (x1, y1, x2, y2) of an image of `rows` x `columns`."""
+        x1, y1, x2, y2 = self.box
+        sx, sy = columns / GROUNDING_SCALE, rows / GROUNDING_SCALE
+        return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+
+
+@dataclass
+class EyeFindings:
+    """What was found in one eye ("R", "L", or None when the images do not say)."""
+
+    laterality: str | None
+    images: list[str]
+    dr_grade: int | None
+    amd: bool | None
+    lesions: list[LesionBox] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def referable(self) -> bool | None:
+        """Referable DR (grade >= moderate NPDR); None when no grade was stated."""
+        return None if self.dr_grade is None else self.dr_grade >= REFERABLE_GRADE
+
+    @property
+    def dr_grade_name(self) -> str | None:
+        """The grade as a name ("moderate NPDR", ...)."""
+        return None if self.dr_grade is None else DR_GRADE_NAMES[self.dr_grade]
+
+
+def lesion_kind(label: str) -> str | None:
+    """The region kind a grounding label names (a lesion kind or "optic_disc"), None when unknown."""
+    lowered = label.lower()
+    return next((kind for word, kind in _LESION_WORDS if word in lowered), None)
+
+
+def parse_boxes(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Every (label, (x1, y1, x2, y2)) grounded in `text`, in order.
+
+    Raises:
+        FindingsError: a coordinate is outside 0-999 or a box has x2 < x1 or y2 < y1.
+    """
+    found = []
+    for match in _REF_BOX.finditer(text):
+        label = match.group("label").strip()
+        for box_match in _BOX.finditer(match.group("boxes")):
+            x1, y1, x2, y2 = (int(v) for v in box_match.groups())
+            if max(x1, y1, x2, y2) >= GROUNDING_SCALE:
+                raise FindingsError(f"box {box_match.group(0)} for {label!r} has a coordinate above "
+                                    f"{GROUNDING_SCALE - 1}; grounding boxes are normalised to 0-{GROUNDING_SCALE - 1}")
+            if x2 < x1 or y2 < y1:
+                raise FindingsError(f"box {box_match.group(0)} for {label!r} is inverted (need x1 <= x2, y1 <= y2)")
+            found.append((label, (x1, y1, x2, y2)))
+    return found
+
+
+def strip_grounding(text: str) -> str:
+    """`text` with grounding markup replaced by its label, for humans."""
+    return re.sub(r"\s+", " ", _REF_BOX.sub(lambda m: m.group("label").strip(), text)).strip()
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?;\n])\s*", text) if s.strip()]
+
+
+def parse_dr_grade(text: str) -> int | None:
+    """The worst DR grade (0-4) stated in `text`, or None when it states none (rules: module docstring)."""
+    text = strip_grounding(text)
+    grades = [int(m.group(1)) for m in _GRADE.finditer(text)]
+    for sentence in _sentences(text):
+        if _NO_DR.search(sentence):
+            grades.append(0)
+        if not _DR_CONTEXT.search(sentence):
+            continue
+        grade = next((g for g, pattern in _SEVERITY if pattern.search(sentence)), None)
+        if grade is not None:
+            grades.append(grade)
+    return max(grades) if grades else None
+
+
+def parse_amd(text: str) -> bool | None:
+    """True / False when `text` states AMD or its absence, None when it does not mention it."""
+    text = strip_grounding(text)
+    if _AMD.search(_NO_AMD.sub("", text)):
+        return True
+    return False if _NO_AMD.search(text) else None
+
+
+def _closed_answers(answers: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+    """Grades and AMD flags from answers to the known closed questions."""
+    grades, amd = [], []
+    for question, answer in answers:
+        if question.strip() == QUESTIONS["dr_grade"] and (letter := parse_closed_answer("dr_grade", answer)):
+            grades.append(GRADE_LETTERS.index(letter))
+        elif question.strip() == QUESTIONS["amd"] and (yes_no := parse_closed_answer("amd", answer)):
+            amd.append(yes_no == "Yes")
+    return grades, amd
+
+
+def study_findings(report: Any) -> list[EyeFindings]:
+    """Findings per eye (R, L, then eyes not recorded) from a StudyReport or its JSON form (`to_dict()`).
+
+    Raises:
+        FindingsError: the report has no images list, or a grounding box is malformed.
+    """
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
+        raise FindingsError("expected a StudyReport or its JSON form with an 'images' list")
+    grouped: dict[str | None, list[Mapping[str, Any]]] = {}
+    for image in data["images"]:
+        grouped.setdefault(image.get("laterality"), []).append(image)
+    eyes = []
+    for laterality in sorted(grouped, key=lambda e: {"R": 0, "L": 1}.get(e or "", 2)):
+        images = grouped[laterality]
+        answers = [(image, a.get("question", ""), a.get("answer", "")) for image in images
+                   for a in image.get("answers", [])]
+        closed_grades, closed_amd = _closed_answers([(q, text) for _, q, text in answers])
+        joined = "\n".join(text for _, _, text in answers)
+        text_grade, text_amd = parse_dr_grade(joined), parse_amd(joined)
+        grades = closed_grades + ([text_grade] if text_grade is not None else [])
+        amd_flags = closed_amd + ([text_amd] if text_amd is not None else [])
+        lesions = [
+            LesionBox(label, lesion_kind(label), box, image["sop_instance_uid"], int(image.get("frame_index", 0)))
+            for image, _, text in answers for label, box in parse_boxes(text)
+        ]
+        eyes.append(EyeFindings(
+            laterality=laterality,
+            images=list(dict.fromkeys(image["sop_instance_uid"] for image in images)),
+            dr_grade=max(grades) if grades else None,
+            amd=any(amd_flags) if amd_flags else None,
+            lesions=lesions,
+            text="\n".join(f"{a.get('question', '').strip()} {strip_grounding(a.get('answer', ''))}".strip()
+                           for image in images for a in image.get("answers", [])),
+        ))
+    return eyes

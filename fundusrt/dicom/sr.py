@@ -1,0 +1,260 @@
+"""Findings as a DICOM Comprehensive SR (TID 1500 measurement report, built with highdicom).
+
+One SR per study. Per eye, a measurement group with the eye as finding site (Retina + laterality)
+holding the coded DR grade, the referable flag and AMD, the algorithm identification and the
+generated text; per grounded lesion, a planar ROI group with the box as a closed POLYLINE on its
+source image. Every source image is referenced (image library and evidence); patient and study
+attributes are copied from the sources by highdicom; all UIDs are new.
+
+Codes: SNOMED CT where the concept is coded there (DR grades, laterality, retina, lesion,
+haemorrhage, optic nerve head, AMD, present/absent, yes/no); lesion kinds SNOMED does not give us a verified code
+for use the private scheme 99FUNDUSRT, declared in the Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fundusrt._deps import require
+from fundusrt.dicom.findings import EyeFindings, LesionBox, study_findings
+from fundusrt.manifest import atomic_write_bytes
+
+MANUFACTURER = "fundusrt"
+PRIVATE_SCHEME = "99FUNDUSRT"
+SR_SERIES_NUMBER = 900
+SC_SERIES_NUMBER = 901
+PDF_SERIES_NUMBER = 902
+
+# (code value, scheme, meaning)
+CodeTuple = tuple[str, str, str]
+RETINA: CodeTuple = ("5665001", "SCT", "Retina")
+LATERALITY: dict[str, CodeTuple] = {"R": ("24028007", "SCT", "Right"), "L": ("7771000", "SCT", "Left")}
+DIABETIC_RETINOPATHY: CodeTuple = ("4855003", "SCT", "Diabetic retinopathy")
+DR_GRADE_CODES: dict[int, CodeTuple] = {
+    0: ("272519000", "SCT", "Absent"),
+    1: ("312903003", "SCT", "Mild nonproliferative diabetic retinopathy"),
+    2: ("312904009", "SCT", "Moderate nonproliferative diabetic retinopathy"),
+    3: ("312905005", "SCT", "Severe nonproliferative diabetic retinopathy"),
+    4: ("59276001", "SCT", "Proliferative diabetic retinopathy"),
+}
+AMD: CodeTuple = ("267718000", "SCT", "Age-related macular degeneration")
+PRESENT: CodeTuple = ("52101004", "SCT", "Present")
+ABSENT: CodeTuple = ("272519000", "SCT", "Absent")
+YES: CodeTuple = ("373066001", "SCT", "Yes")
+NO: CodeTuple = ("373067005", "SCT", "No")
+REFERABLE_DR: CodeTuple = ("referable-dr", PRIVATE_SCHEME, "Referable diabetic retinopathy")
+FINDING: CodeTuple = ("121071", "DCM", "Finding")
+CLINICAL_FINDING: CodeTuple = ("404684003", "SCT", "Finding")
+LESION: CodeTuple = ("52988006", "SCT", "Lesion")
+IMAGING_PROCEDURE: CodeTuple = ("363679005", "SCT", "Imaging procedure")
+OPTIC_NERVE_HEAD: CodeTuple = ("81016008", "SCT", "Optic nerve head")
+REGION_CODES: dict[str, CodeTuple] = {
+    "optic_disc": OPTIC_NERVE_HEAD,
+    "haemorrhage": ("50960005", "SCT", "Hemorrhage"),
+    "microaneurysm": ("microaneurysm", PRIVATE_SCHEME, "Retinal microaneurysm"),
+    "hard_exudate": ("hard-exudate", PRIVATE_SCHEME, "Retinal hard exudate"),
+    "cotton_wool_spot": ("cotton-wool-spot", PRIVATE_SCHEME, "Cotton wool spot"),
+    "drusen": ("drusen", PRIVATE_SCHEME, "Drusen"),
+    "neovascularisation": ("neovascularisation", PRIVATE_SCHEME, "Retinal neovascularisation"),
+}
+
+
+class ResultWriteError(ValueError):
+    """A result object cannot be written: unreadable sources, a path that would overwrite a file, ..."""
+
+
+def code(value: CodeTuple) -> Any:
+    """A highdicom CodedConcept from a (value, scheme, meaning) tuple."""
+    hd = require("highdicom", "writing DICOM results")
+    return hd.sr.CodedConcept(value=value[0], scheme_designator=value[1], meaning=value[2])
+
+
+def load_sources(report: Any) -> dict[str, Any]:
+    """The source datasets (headers only) of a StudyReport or its JSON form, by SOPInstanceUID.
+
+    Raises:
+        ResultWriteError: a source file is missing, unreadable, or holds another SOPInstanceUID.
+    """
+    pydicom = require("pydicom")
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    sources: dict[str, Any] = {}
+    for image in data["images"]:
+        uid = image["sop_instance_uid"]
+        if uid in sources:
+            continue
+        try:
+            ds = pydicom.dcmread(image["source"], stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ResultWriteError(f"cannot read the source of image {uid} ({image['source']}): {exc}") from exc
+        if ds.get("SOPInstanceUID") != uid:
+            raise ResultWriteError(f"source {image['source']} holds SOPInstanceUID {ds.get('SOPInstanceUID')}, "
+                                   f"not {uid}; was the file replaced after the study was run?")
+        sources[uid] = ds
+    if not sources:
+        raise ResultWriteError("the report has no images, so there is nothing to reference")
+    return sources
+
+
+def check_output_path(path: Path) -> Path:
+    """Refuse to write over an existing file (a source above all); returns the path, parents created."""
+    path = Path(path)
+    if path.exists():
+        raise ResultWriteError(f"{path} already exists; results are never written over a file "
+                               "(choose an empty output folder)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_dataset(ds: Any, path: Path) -> Path:
+    """Write a dataset as a DICOM Part 10 file, atomically, refusing to overwrite anything."""
+    path = check_output_path(path)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def algorithm_identification(package: Mapping[str, Any]) -> Any:
+    """TID 4019 algorithm identification: package name, version, and hash/precision/backend as parameters."""
+    hd = require("highdicom", "writing DICOM results")
+    name = str(package.get("name") or "unknown model")
+    version = str(package.get("version") or package.get("fundusrt_version") or "unknown")
+    params = [f"{key}={package[key]}" for key in ("family", "precision", "manifest_sha256", "backend",
+                                                   "fundusrt_version") if package.get(key)]
+    return hd.sr.AlgorithmIdentification(name=name, version=version, parameters=params or None,
+                                         manufacturer=MANUFACTURER)
+
+
+def _finding_site(laterality: str | None) -> Any:
+    hd = require("highdicom")
+    return hd.sr.FindingSite(anatomic_location=code(RETINA),
+                             laterality=code(LATERALITY[laterality]) if laterality in LATERALITY else None)
+
+
+def _eye_group(eye: EyeFindings, sources: Mapping[str, Any], algorithm: Any) -> Any:
+    hd = require("highdicom")
+    evaluations = []
+    if eye.dr_grade is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(code(DIABETIC_RETINOPATHY), code(DR_GRADE_CODES[eye.dr_grade])))
+        evaluations.append(hd.sr.QualitativeEvaluation(code(REFERABLE_DR), code(YES if eye.referable else NO)))
+    if eye.amd is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(code(AMD), code(PRESENT if eye.amd else ABSENT)))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=_eye_name(eye.laterality)),
+        finding_type=code(CLINICAL_FINDING),
+        algorithm_id=algorithm,
+        finding_sites=[_finding_site(eye.laterality)],
+        qualitative_evaluations=evaluations or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[uid]) for uid in eye.images],
+    )
+    if eye.text:
+        # TID 1501 has no slot for free text; a TEXT "Finding" under the group keeps the model's words
+        # next to the codes derived from them (the Comprehensive SR IOD allows CONTAINER CONTAINS TEXT).
+        group[0].ContentSequence.append(hd.sr.TextContentItem(code(FINDING), clean_text(eye.text), "CONTAINS"))
+    return group
+
+
+def clean_text(text: str, limit: int = 65535) -> str:
+    """`text` without control characters other than tab and line breaks (not allowed in UT), cut to `limit`."""
+    return "".join(c for c in text if c in "\t\n\r" or (c.isprintable() and c != "\x7f"))[:limit]
+
+
+def _eye_name(laterality: str | None) -> str:
+    return {"R": "right eye", "L": "left eye"}.get(laterality or "", "eye not recorded")
+
+
+def box_polyline(lesion: LesionBox, rows: int, columns: int) -> np.ndarray:
+    """The lesion box as a closed POLYLINE (5 points, column/row pixel coordinates, float32)."""
+    x1, y1, x2, y2 = lesion.to_pixels(rows, columns)
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
+
+
+def _lesion_group(lesion: LesionBox, n: int, laterality: str | None, source: Any, algorithm: Any) -> Any:
+    hd = require("highdicom")
+    frames = [lesion.frame_index + 1] if int(source.get("NumberOfFrames", 1) or 1) > 1 else None
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=box_polyline(lesion, int(source.Rows), int(source.Columns)),
+        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID, frames),
+    )
+    kind = code(REGION_CODES[lesion.kind]) if lesion.kind in REGION_CODES else code(LESION)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{lesion.label} {n}"[:64]),
+        referenced_region=region,
+        finding_type=code(OPTIC_NERVE_HEAD if lesion.kind == "optic_disc" else LESION),
+        algorithm_id=algorithm,
+        finding_sites=[_finding_site(laterality)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(code(FINDING), kind)],
+    )
+
+
+def build_sr(report: Any, sources: Mapping[str, Any] | None = None) -> Any:
+    """The Comprehensive SR of a StudyReport (or its JSON form).
+
+    Args:
+        report: the study report; its images' `source` files are read unless `sources` is given.
+        sources: source datasets by SOPInstanceUID (headers are enough).
+
+    Raises:
+        ResultWriteError: the sources cannot be read or do not match the report.
+        FindingsError: a grounding box in the answers is malformed.
+    """
+    hd = require("highdicom", "writing DICOM SR")
+    pydicom = require("pydicom")
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    sources = dict(sources) if sources is not None else load_sources(data)
+    package = data.get("package") or {}
+    algorithm = algorithm_identification(package)
+    groups = []
+    for eye in study_findings(data):
+        groups.append(_eye_group(eye, sources, algorithm))
+        groups += [_lesion_group(lesion, n, eye.laterality, sources[lesion.sop_instance_uid], algorithm)
+                   for n, lesion in enumerate(eye.lesions, 1)]
+    observer = hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            # Stable per package, so all reports of one model name the same device.
+            uid=pydicom.uid.generate_uid(entropy_srcs=[str(package.get("name")), str(package.get("manifest_sha256"))]),
+            name=str(package.get("name") or "fundusrt")[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=str(package.get("family") or "")[:64] or None,
+        ),
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=code(IMAGING_PROCEDURE),
+        imaging_measurements=groups,
+        referenced_images=list(sources.values()),
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(sources.values()),
+        content=content[0],
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description="fundusrt findings",
+    )
+    sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
+    return sr
+
+
+def _private_scheme_item() -> Any:
+    pydicom = require("pydicom")
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "fundusrt findings"
+    item.CodingSchemeResponsibleOrganization = "fundusrt"
+    return item
+
+
+def write_sr(report: Any, path: str | Path, sources: Mapping[str, Any] | None = None) -> Path:
+    """Build the Comprehensive SR of `report` and write it to `path` (atomically; never over a file)."""
+    return save_dataset(build_sr(report, sources), Path(path))

@@ -1,0 +1,81 @@
+"""`fundusrt serve`: run the DICOM node with a model package until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fundusrt.node.config import Destination, NodeConfig, NodeConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `fundusrt serve`."""
+    parser.add_argument("--package", required=True, type=Path, help="model package folder (manifest.json)")
+    parser.add_argument("--spool", required=True, type=Path, help="folder for received studies, results, state, audit")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112; 0: any free port)")
+    parser.add_argument("--no-scp", action="store_true", help="do not listen for DICOM (watch-folder only)")
+    parser.add_argument("--ae-title", default="FUNDUSRT", help="our AE title (default FUNDUSRT)")
+    parser.add_argument("--allow-calling-ae", action="append", default=[], metavar="AET",
+                        help="accept associations only from this calling AE title (repeatable)")
+    parser.add_argument("--max-associations", type=int, default=8)
+    parser.add_argument("--max-dataset-mb", type=float, default=512.0, help="refuse larger instances (default 512)")
+    parser.add_argument("--quiet-seconds", type=float, default=10.0,
+                        help="process a study when nothing arrived for it for this long (default 10)")
+    parser.add_argument("--send-to", type=Destination.parse, metavar="AET@HOST:PORT",
+                        help="send results by C-STORE to this AE")
+    parser.add_argument("--out", type=Path, help="also write results into OUT/<StudyInstanceUID>/")
+    parser.add_argument("--watch", type=Path, help="also ingest DICOM files appearing in this folder")
+    parser.add_argument("--pdf", action="store_true", help="add an Encapsulated PDF report to the results")
+    parser.add_argument("--tls-cert", type=Path, help="serve over TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA (PEM)")
+    parser.add_argument("--backend", default="ort-cpu", help="runtime backend (default ort-cpu)")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the backend")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The NodeConfig the command line describes."""
+    return NodeConfig(
+        spool=args.spool, host=args.host, port=None if args.no_scp else args.port, ae_title=args.ae_title,
+        allowed_calling_aets=tuple(args.allow_calling_ae), max_associations=args.max_associations,
+        max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024), quiet_seconds=args.quiet_seconds,
+        destination=args.send_to, output_dir=args.out, watch_dir=args.watch, write_pdf=args.pdf,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Serve until interrupted; 2 on bad settings or an unusable package."""
+    from fundusrt.manifest import PackageError
+    from fundusrt.node.service import Node
+    from fundusrt.runtime.pipeline import load_package
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        config = config_from_args(args)
+        pipeline = load_package(args.package, backend=args.backend, threads=args.threads)
+    except (NodeConfigError, PackageError) as exc:
+        print(f"fundusrt serve: {exc}", file=sys.stderr)
+        return 2
+    node = Node(config, pipeline.run_study)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    print(f"fundusrt serve: {config.ae_title} on {config.host}:{node.port}, spool {config.spool}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="fundusrt serve", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

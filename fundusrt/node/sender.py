@@ -1,0 +1,54 @@
+"""C-STORE of result files to a destination AE (pynetdicom SCU)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from fundusrt._deps import require
+from fundusrt.node.config import Destination
+
+log = logging.getLogger("fundusrt.node")
+_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, implicit VR little endian
+
+
+class SendError(RuntimeError):
+    """The destination refused the association or an instance; the message says which and why."""
+
+
+def send_files(paths: Sequence[Path], destination: Destination, calling_ae: str, timeout: float = 30.0) -> int:
+    """Send DICOM files in one association; returns how many were stored.
+
+    Raises:
+        SendError: association rejected/aborted, or a C-STORE status other than success or warning.
+    """
+    pynetdicom = require("pynetdicom", "sending results by C-STORE")
+    pydicom = require("pydicom")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    if not datasets:
+        return 0
+    ae = pynetdicom.AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, list(_TRANSFER_SYNTAXES))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise SendError(f"{destination.ae_title}@{destination.host}:{destination.port} did not accept an association "
+                        f"from {calling_ae} (rejected, aborted or unreachable)")
+    stored = 0
+    try:
+        for path, ds in zip(paths, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code == -1:
+                raise SendError(f"no C-STORE response for {ds.SOPInstanceUID} from {destination.ae_title} "
+                                "(connection lost or timed out)")
+            if code != 0x0000 and (code & 0xF000) != 0xB000:  # warnings (Bxxx) still mean stored
+                raise SendError(f"{destination.ae_title} refused {ds.SOPInstanceUID} ({path.name}) "
+                                f"with status 0x{code:04X}")
+            stored += 1
+    finally:
+        assoc.release()
+    log.info("sent %d instance(s) to %s@%s:%d", stored, destination.ae_title, destination.host, destination.port)
+    return stored
