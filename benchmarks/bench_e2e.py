@@ -91,42 +91,30 @@ def worker_torch(checkpoint: Path, new_tokens: int, threads: int) -> dict[str, o
 
 
 def worker_ort(package: Path, new_tokens: int, threads: int) -> dict[str, object]:
-    import onnxruntime as ort
+    """The shipped runtime: the ort-cpu backend's sessions (IO-bound KV cache) and generation loop."""
     from tokenizers import Tokenizer
 
     from fundusrt.manifest import Manifest
+    from fundusrt.runtime.backends.base import open_package
+    from fundusrt.runtime.generation import generate_tokens
+    from fundusrt.runtime.sampling import make_sampler
 
     manifest = Manifest.load(package)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = {name: ort.InferenceSession(str(package / spec.file), options, providers=["CPUExecutionProvider"])
-                for name, spec in manifest.components.items()}
+    sessions = open_package("ort-cpu", package, manifest, threads=threads)
     tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
-    spec = manifest.decoder
     ids, pixels = _inputs(manifest.prompt, tokenizer, manifest.preprocessing.tile_size, manifest.prompt.tokens_per_tile)
-    past = {n % i: np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
-            for i in range(spec.num_layers) for n in (spec.past_key, spec.past_value)}
-    present_names = [n % i for i in range(spec.num_layers) for n in (spec.past_key, spec.past_value)]
-
-    def step(embeds: np.ndarray, total: int) -> int:
-        new = embeds.shape[1]
-        out = sessions["decoder"].run(None, {
-            "inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": np.arange(total - new, total, dtype=np.int64)[None], **past})
-        past.update(zip(present_names, out[1:]))
-        return int(out[0][0, -1].argmax())
 
     start = time.perf_counter()
-    (features,) = sessions["vision"].run(None, {"pixel_values": pixels})
-    (image_embeds,) = sessions["connector"].run(None, {"vision_features": features})
+    features = sessions.vision.run({"pixel_values": pixels})["vision_features"]
+    image_embeds = sessions.connector.run({"vision_features": features})["image_embeds"]
     t_vision = time.perf_counter()
-    (embeds,) = sessions["embed"].run(None, {"input_ids": ids[None]})
-    embeds[0, ids == manifest.prompt.image_token_id] = image_embeds.reshape(-1, spec.hidden_size)
-    tokens = [step(embeds, ids.size)]
+    embeds = sessions.embed.run({"input_ids": ids[None]})["inputs_embeds"]
+    embeds[0, ids == manifest.prompt.image_token_id] = image_embeds.reshape(-1, manifest.decoder.hidden_size)
+    # stop tokens ignored so both sides decode exactly new_tokens
+    stream = generate_tokens(sessions.decoder, embeds, make_sampler(), max_new_tokens=new_tokens)
+    tokens = [next(stream)]
     t_prefill = time.perf_counter()
-    while len(tokens) < new_tokens:
-        (embeds,) = sessions["embed"].run(None, {"input_ids": np.array([[tokens[-1]]], np.int64)})
-        tokens.append(step(embeds, ids.size + len(tokens)))
+    tokens += list(stream)
     end = time.perf_counter()
     return _timings(start, t_vision, t_prefill, end, tokens, ids.size)
 

@@ -103,6 +103,7 @@ class GenerationConfig:
 VISION_TYPES = ("siglip", "internvit")
 CONNECTOR_TYPES = ("mlp", "dense", "pixel_shuffle")
 TEXT_TYPES = ("qwen2", "llama", "phi3")
+IMAGE_LAYOUTS = ("flat", "anyres_unpad")
 
 
 @dataclass
@@ -256,6 +257,11 @@ class ModelConfig:
         image_token, image_start, image_end: special tokens around an image's feature tokens.
         stop_tokens: tokens that end generation.
         bos_token: prepended to every prompt when set (Qwen2: none).
+        image_layout: how one image's tile features become prompt tokens: "flat" (tiles concatenated in
+            order) or "anyres_unpad" (LLaVA-NeXT: global view, then the grid's feature map with the padding
+            cropped and an `image_newline` embedding ending every row; needs anyres tiling).
+        anyres_max_tiles: anyres_unpad only: LLaVA-OneVision "anyres_max_N" (N); the unpadded map is
+            bilinearly shrunk when it holds more than ~N tiles of features. 0 = never shrink.
     """
 
     vision: VisionConfig
@@ -271,8 +277,16 @@ class ModelConfig:
     image_end: str = "</img>"
     stop_tokens: list[str] = field(default_factory=lambda: ["<|im_end|>", "<|endoftext|>"])
     bos_token: str | None = None
+    image_layout: str = "flat"
+    anyres_max_tiles: int = 0
 
     def __post_init__(self) -> None:
+        if self.image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout {self.image_layout!r} is not one of {IMAGE_LAYOUTS}")
+        if self.image_layout == "anyres_unpad" and not (self.tiling.policy == "anyres" and self.tiling.use_thumbnail):
+            raise ValueError("image_layout 'anyres_unpad' needs anyres tiling with the global view (use_thumbnail)")
+        if self.anyres_max_tiles < 0:
+            raise ValueError(f"anyres_max_tiles must be >= 0, got {self.anyres_max_tiles}")
         if self.tiling.tile_size != self.vision.image_size:
             raise ValueError(f"tiling.tile_size {self.tiling.tile_size} != vision.image_size {self.vision.image_size}")
         grid = self.vision.grid_size

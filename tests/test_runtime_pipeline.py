@@ -62,10 +62,10 @@ def test_components_match_reference(pipe: Pipeline, reference) -> None:
     with torch.inference_mode():
         ref_image = reference.image_embeds(torch.from_numpy(pixel_values)).numpy()
         ref_embeds = reference.prompt_embeds(torch.from_numpy(ids)[None], torch.from_numpy(pixel_values)).numpy()
-    encoded = pipe._encode_image(_image())
+    encoded = pipe.encode_image(_image())
     diff = float(np.abs(encoded.image_embeds - ref_image.reshape(-1, ref_image.shape[-1])).max())
     assert diff < 1e-4, f"vision+connector max abs diff {diff:.3g}"
-    _, embeds = pipe._prompt_embeds(encoded, QUESTION)
+    _, embeds = pipe.prompt_embeds(encoded, QUESTION)
     diff = float(np.abs(embeds - ref_embeds).max())
     assert diff < 1e-4, f"spliced prompt embeddings max abs diff {diff:.3g}"
 
@@ -75,8 +75,8 @@ def test_ort_greedy_tokens_match_pytorch_reference(pipe: Pipeline, reference) ->
     pixel_values, ids = _prompt(pipe, image)
     expected = reference.generate(ids, torch.from_numpy(pixel_values), max_new_tokens=PARITY_TOKENS,
                                   stop_token_ids=[])
-    encoded = pipe._encode_image(image)
-    _, embeds = pipe._prompt_embeds(encoded, QUESTION)
+    encoded = pipe.encode_image(image)
+    _, embeds = pipe.prompt_embeds(encoded, QUESTION)
     decoder = pipe.sessions.decoder
     decoder.reset()
     ours = list(generate_tokens(decoder, embeds, make_sampler(), max_new_tokens=PARITY_TOKENS))
@@ -94,8 +94,8 @@ def test_ort_greedy_tokens_match_pytorch_reference(pipe: Pipeline, reference) ->
 
 
 def test_fork_and_reset(pipe: Pipeline) -> None:
-    encoded = pipe._encode_image(_image(2))
-    _, embeds = pipe._prompt_embeds(encoded, QUESTION)
+    encoded = pipe.encode_image(_image(2))
+    _, embeds = pipe.prompt_embeds(encoded, QUESTION)
     decoder = pipe.sessions.decoder
     decoder.reset()
     assert decoder.seq_len == 0

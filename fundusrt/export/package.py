@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import shutil
 import tempfile
 from importlib import metadata
@@ -15,10 +16,12 @@ from fundusrt.manifest import (
     ComponentSpec,
     Manifest,
     TensorSpec,
+    atomic_write_bytes,
     atomic_write_text,
     sha256_file,
 )
 from fundusrt.models.loader import CheckpointError, detect_layout, load
+from fundusrt.models.lvlm import LVLM
 
 DEFAULT_QUESTIONS = [
     "Describe the findings in this fundus photograph.",
@@ -58,6 +61,20 @@ def _tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
     return versions
+
+
+def _write_image_newline(model: LVLM, staging: Path, connector: ComponentSpec) -> dict[str, object]:
+    """anyres_unpad packages carry LLaVA-NeXT's image_newline vector as a .npy hashed with the connector."""
+    if model.config.image_layout != "anyres_unpad":
+        return {}
+    import numpy as np
+
+    path = staging / "image_newline.npy"
+    with io.BytesIO() as buffer:
+        np.save(buffer, model.image_newline.detach().float().numpy(), allow_pickle=False)
+        atomic_write_bytes(path, buffer.getvalue())
+    connector.data_files[path.name] = sha256_file(path)
+    return {"image_newline": path.name, "anyres_max_tiles": model.config.anyres_max_tiles}
 
 
 def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: int = 4096,
@@ -101,6 +118,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         for name, component in component_exports(model).items():
             path, *data = export_component(component, staging / f"{name}.onnx")
             components[name] = _component_spec(path, data)
+        extra = _write_image_newline(model, staging, components["connector"])
         tokenizer_path = staging / "tokenizer.json"
         atomic_write_text(tokenizer_path, model.tokenizer.to_str())
         manifest = Manifest(
@@ -109,7 +127,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
             decoder=decoder_spec(model, max_seq_len), preprocessing=tiling, prompt=model.prompt,
             tokenizer=tokenizer_path.name, tokenizer_sha256=sha256_file(tokenizer_path),
             default_questions=list(DEFAULT_QUESTIONS), tool_versions=_tool_versions(),
-            source={"layout": layout, "checkpoint": checkpoint.resolve().name},
+            source={"layout": layout, "checkpoint": checkpoint.resolve().name}, extra=extra,
         )
         manifest.save(staging)
         Manifest.load(staging).verify(staging)

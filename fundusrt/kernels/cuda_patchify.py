@@ -40,7 +40,7 @@ def _driver() -> Any:
     return require("cuda.bindings.driver", "running the CUDA patching kernels")
 
 
-def _check(result: tuple, what: str) -> Any:
+def check_cuda(result: tuple, what: str) -> Any:
     """Unwrap a cuda-python (CUresult, *values) tuple, raising CudaError with the driver's message."""
     drv = _driver()
     status, *values = result
@@ -95,8 +95,8 @@ class CudaPatches:
             raise CudaError("these CudaPatches were closed; their device memory is gone")
         drv = _driver()
         out = np.empty(self.shape, dtype=self.dtype)
-        _check(drv.cuStreamSynchronize(drv.CUstream(self.stream)), "cuStreamSynchronize")
-        _check(drv.cuMemcpyDtoH(out.ctypes.data, drv.CUdeviceptr(self.ptr), self.nbytes), "cuMemcpyDtoH")
+        check_cuda(drv.cuStreamSynchronize(drv.CUstream(self.stream)), "cuStreamSynchronize")
+        check_cuda(drv.cuMemcpyDtoH(out.ctypes.data, drv.CUdeviceptr(self.ptr), self.nbytes), "cuMemcpyDtoH")
         return out
 
     def close(self) -> None:
@@ -104,7 +104,7 @@ class CudaPatches:
         if not self._freed:
             self._freed = True
             drv = _driver()
-            _check(drv.cuMemFreeAsync(drv.CUdeviceptr(self.ptr), drv.CUstream(self.stream)), "cuMemFreeAsync")
+            check_cuda(drv.cuMemFreeAsync(drv.CUdeviceptr(self.ptr), drv.CUstream(self.stream)), "cuMemFreeAsync")
 
     def __enter__(self) -> CudaPatches:
         return self
@@ -130,23 +130,23 @@ class CudaPatchifier:
             initialised = drv.cuInit(0)
         except Exception as exc:  # cuda-python raises its own loader error when libcuda is absent
             raise CudaError(f"no CUDA driver could be loaded ({exc}); use the CPU path instead") from exc
-        _check(initialised, "cuInit")
+        check_cuda(initialised, "cuInit")
         self.device = device
-        self._dev = _check(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
+        self._dev = check_cuda(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
         attr = drv.CUdevice_attribute
-        major = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev), "cc")
-        minor = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev), "cc")
+        major = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev), "cc")
+        minor = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev), "cc")
         self.arch = 10 * major + minor
-        self._ctx = _check(drv.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
+        self._ctx = check_cuda(drv.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
         self._activate()
         self._module = self._load_module()
         self._functions = {
-            name: _check(drv.cuModuleGetFunction(self._module, name.encode()), f"cuModuleGetFunction({name})")
+            name: check_cuda(drv.cuModuleGetFunction(self._module, name.encode()), f"cuModuleGetFunction({name})")
             for name in _KERNELS
         }
 
     def _activate(self) -> None:
-        _check(_driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        check_cuda(_driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
 
     def _load_module(self) -> Any:
         drv = _driver()
@@ -159,24 +159,24 @@ class CudaPatchifier:
             # a fatbin without code for this GPU: fall through to NVRTC for this architecture
         image, _ = nvrtc_compile(self.arch)
         data = np.frombuffer(image, dtype=np.uint8)  # PTX from NVRTC already ends with its NUL
-        return _check(drv.cuModuleLoadData(data.ctypes.data), f"cuModuleLoadData (sm_{self.arch})")
+        return check_cuda(drv.cuModuleLoadData(data.ctypes.data), f"cuModuleLoadData (sm_{self.arch})")
 
     # -- small helpers over the driver API --------------------------------------------------------
 
     def _alloc(self, nbytes: int, stream: Any) -> Any:
-        return _check(_driver().cuMemAllocAsync(max(int(nbytes), 1), stream), f"cuMemAllocAsync({nbytes})")
+        return check_cuda(_driver().cuMemAllocAsync(max(int(nbytes), 1), stream), f"cuMemAllocAsync({nbytes})")
 
     def _upload(self, array: np.ndarray, stream: Any) -> Any:
         array = np.ascontiguousarray(array)
         ptr = self._alloc(array.nbytes, stream)
-        _check(_driver().cuMemcpyHtoDAsync(ptr, array.ctypes.data, array.nbytes, stream), "cuMemcpyHtoDAsync")
+        check_cuda(_driver().cuMemcpyHtoDAsync(ptr, array.ctypes.data, array.nbytes, stream), "cuMemcpyHtoDAsync")
         return ptr
 
     def _launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], stream: Any,
                 args: list[tuple[Any, Any]]) -> None:
         values = tuple(int(v) if kind is ctypes.c_void_p else v for v, kind in args)
         kinds = tuple(kind for _, kind in args)
-        _check(
+        check_cuda(
             _driver().cuLaunchKernel(self._functions[name], *grid, *block, 0, stream, (values, kinds), 0),
             f"launch {name}",
         )
@@ -193,7 +193,7 @@ class CudaPatchifier:
         try:
             return self._roi_on_device(d_image, image.shape[0], image.shape[1], threshold, cu_stream)
         finally:
-            _check(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
+            check_cuda(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
 
     def _roi_on_device(self, d_image: Any, height: int, width: int, threshold: float, stream: Any) -> tuple[int, int, int, int] | None:
         drv = _driver()
@@ -201,7 +201,7 @@ class CudaPatchifier:
         rows, cols = -(-height // step), -(-width // step)
         counts = self._alloc(4 * (rows + cols + 4), stream)
         try:
-            _check(drv.cuMemsetD32Async(counts, 0, rows + cols, stream), "cuMemsetD32Async")
+            check_cuda(drv.cuMemsetD32Async(counts, 0, rows + cols, stream), "cuMemsetD32Async")
             row_ptr, col_ptr, box_ptr = int(counts), int(counts) + 4 * rows, int(counts) + 4 * (rows + cols)
             self._launch("frt_roi_profiles", (-(-cols // 32), -(-rows // _ROI_BLOCK_Y), 1), (32, _ROI_BLOCK_Y, 1), stream, [
                 (d_image, ctypes.c_void_p), (width, ctypes.c_int), (step, ctypes.c_int), (rows, ctypes.c_int),
@@ -213,10 +213,10 @@ class CudaPatchifier:
                 (step, ctypes.c_int), (height, ctypes.c_int), (width, ctypes.c_int), (box_ptr, ctypes.c_void_p),
             ])
             box = np.empty(4, dtype=np.int32)
-            _check(drv.cuMemcpyDtoHAsync(box.ctypes.data, drv.CUdeviceptr(box_ptr), 16, stream), "cuMemcpyDtoHAsync")
-            _check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            check_cuda(drv.cuMemcpyDtoHAsync(box.ctypes.data, drv.CUdeviceptr(box_ptr), 16, stream), "cuMemcpyDtoHAsync")
+            check_cuda(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
         finally:
-            _check(drv.cuMemFreeAsync(counts, stream), "cuMemFreeAsync")
+            check_cuda(drv.cuMemFreeAsync(counts, stream), "cuMemFreeAsync")
         return None if box[0] < 0 else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
 
     def patchify(self, image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32,
@@ -231,7 +231,7 @@ class CudaPatchifier:
             return self.patchify_on_device(int(d_image), image.shape[0], image.shape[1], cfg, dtype=dtype,
                                            stream=stream)
         finally:
-            _check(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
+            check_cuda(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
 
     def patchify_on_device(self, image_ptr: int, height: int, width: int, cfg: TilingConfig, *,
                            dtype: type | np.dtype = np.float32, stream: int | None = None) -> CudaPatches:
@@ -259,13 +259,13 @@ class CudaPatchifier:
         try:
             self._run(temporaries, image_ptr, width, tables, lut, _DTYPES[out_dtype], out, cu_stream)
         except BaseException:
-            _check(drv.cuMemFreeAsync(out, cu_stream), "cuMemFreeAsync")
+            check_cuda(drv.cuMemFreeAsync(out, cu_stream), "cuMemFreeAsync")
             raise
         finally:
             for ptr in temporaries:
-                _check(drv.cuMemFreeAsync(ptr, cu_stream), "cuMemFreeAsync")
+                check_cuda(drv.cuMemFreeAsync(ptr, cu_stream), "cuMemFreeAsync")
         if stream is None:
-            _check(drv.cuStreamSynchronize(cu_stream), "cuStreamSynchronize")
+            check_cuda(drv.cuStreamSynchronize(cu_stream), "cuStreamSynchronize")
         size = plan.tile_size
         return CudaPatches(int(out), (plan.num_tiles, 3, size, size), out_dtype, plan, int(stream or 0), self.device)
 

@@ -45,5 +45,5 @@ def prompt_spec(config: ModelConfig, tokenizer: TokenizerLike) -> PromptSpec:
         image_end=config.image_end,
         bos_token_id=None if config.bos_token is None else _token_id(tokenizer, config.bos_token, "bos"),
         pad_token_id=_token_id(tokenizer, config.stop_tokens[-1], "pad"),
-        image_layout="flat",
+        image_layout=config.image_layout,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -38,9 +39,10 @@ def detect_layout(path: str | Path) -> str:
     for name in LAYOUTS:
         if _layout_module(name).detect(root):
             return name
-    raise CheckpointError(f"{root} holds no checkpoint layout fundusrt knows ({', '.join(LAYOUTS)}): "
-                          "expected config.json with \"format\": \"fundusrt\"; write one with "
-                          "fundusrt.models.tiny.write_tiny_checkpoint or a layout converter")
+    raise CheckpointError(f"{root} holds no checkpoint layout fundusrt knows ({', '.join(LAYOUTS)}): expected a "
+                          "config.json of a fundusrt native checkpoint (\"format\": \"fundusrt\"), an InternVL chat "
+                          "model (model_type internvl_chat), a LLaVA model (mm_vision_tower), or a transformers "
+                          "InternVL / LLaVA-OneVision model (model_type internvl / llava_onevision)")
 
 
 @contextmanager
@@ -95,16 +97,44 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, layout: str | Non
         raise CheckpointError(f"cannot read the config of checkpoint {root}: {exc}") from exc
     with _parameters_on_meta():
         model = LVLM(config, tokenizer, attn_implementation)
-    weights = module.sanitize(_read_weights(module.weight_files(root), dtype), config)
-    expected = {name for name, _ in model.named_parameters()}
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - set(model.state_dict()))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {root} does not match its config: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{' ...' if len(unexpected) > 5 else ''}")
-    shapes = [(k, tuple(weights[k].shape), tuple(p.shape)) for k, p in model.named_parameters()
-              if tuple(weights[k].shape) != tuple(p.shape)]
-    if shapes:
-        raise CheckpointError(f"checkpoint {root} has tensors of the wrong shape (name, file, config): {shapes[:5]}")
+    try:
+        files = module.weight_files(root)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot find the weights of checkpoint {root}: {exc}") from exc
+    try:
+        weights = module.sanitize(_read_weights(files, dtype), config)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot map the tensors of checkpoint {root}: {exc}") from exc
+    mismatch = compare_weights(model, weights)
+    if mismatch.missing or mismatch.unexpected:
+        raise CheckpointError(f"checkpoint {root} does not match its config: missing {_first(mismatch.missing)}, "
+                              f"unexpected {_first(mismatch.unexpected)}")
+    if mismatch.wrong_shape:
+        raise CheckpointError(f"checkpoint {root} has tensors of the wrong shape (name, file, config): "
+                              f"{_first(mismatch.wrong_shape)}")
     model.load_state_dict(weights, strict=False, assign=True)
     return model.eval()
+
+
+@dataclass
+class WeightMismatch:
+    """How a checkpoint's (sanitized) tensors differ from what the model built from its config expects."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+
+def _first(items: list, count: int = 5) -> str:
+    return f"{items[:count]}{' ...' if len(items) > count else ''}"
+
+
+def compare_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> WeightMismatch:
+    """Missing, unexpected and wrong-shape (name, file shape, model shape) tensors, each sorted by name."""
+    params = dict(model.named_parameters())
+    return WeightMismatch(
+        missing=sorted(params.keys() - weights.keys()),
+        unexpected=sorted(weights.keys() - set(model.state_dict())),
+        wrong_shape=[(k, tuple(weights[k].shape), tuple(p.shape)) for k, p in sorted(params.items())
+                     if k in weights and tuple(weights[k].shape) != tuple(p.shape)],
+    )

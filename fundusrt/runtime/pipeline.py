@@ -21,6 +21,7 @@ from fundusrt.dicom import Study, read_study
 from fundusrt.kernels import patchify
 from fundusrt.manifest import MANIFEST_NAME, Manifest, PackageError, sha256_file
 from fundusrt.prompt import PromptError, build_input_ids
+from fundusrt.runtime.assembly import ANYRES_MAX_KEY, assemble_anyres_unpad, load_image_newline
 from fundusrt.runtime.backends.base import DecoderSession, PackageSessions, open_package
 from fundusrt.runtime.generation import TextStream, generate_tokens
 from fundusrt.runtime.report import FileError, ImageResult, QuestionAnswer, StudyReport
@@ -31,7 +32,7 @@ DEFAULT_QUESTIONS = (
     "Describe the findings in this fundus photograph.",
     "What is the diabetic retinopathy grade of this eye?",
 )
-SUPPORTED_IMAGE_LAYOUTS = ("flat",)
+SUPPORTED_IMAGE_LAYOUTS = ("flat", "anyres_unpad")
 
 
 class NoFundusImageError(ValueError):
@@ -50,7 +51,9 @@ class Answer:
 
 
 @dataclass
-class _EncodedImage:
+class EncodedImage:
+    """An image's feature tokens, ready to splice into a prompt, with the stage timings."""
+
     image_embeds: np.ndarray  # (image tokens, hidden), tiles in order
     num_tiles: int
     timings: dict[str, float]
@@ -73,8 +76,9 @@ class Pipeline:
     """A loaded model package: sessions created once, reused for every image and question."""
 
     def __init__(self, package_dir: Path, manifest: Manifest, sessions: PackageSessions, tokenizer: Tokenizer,
-                 manifest_sha256: str) -> None:
+                 manifest_sha256: str, image_newline: np.ndarray | None = None) -> None:
         self.package_dir = package_dir
+        self.image_newline = image_newline
         self.manifest = manifest
         self.sessions = sessions
         self.tokenizer = tokenizer
@@ -108,8 +112,8 @@ class Pipeline:
         if not questions:
             raise ValueError("no questions to ask")
         gen = gen or GenerationConfig()
-        encoded = self._encode_image(image)
-        prompts = [self._prompt_embeds(encoded, q) for q in questions]
+        encoded = self.encode_image(image)
+        prompts = [self.prompt_embeds(encoded, q) for q in questions]
         shared = _common_prefix([ids for ids, _ in prompts]) if len(prompts) > 1 else 0
         shared = min(shared, min(len(ids) for ids, _ in prompts) - 1)  # each question prefills >= 1 token
         decoder = self.sessions.decoder
@@ -171,7 +175,8 @@ class Pipeline:
         return StudyReport(study_instance_uid=study.study_instance_uid, package=self.package_info(),
                            images=results, errors=errors, timings={"total_ms": _ms(start)})
 
-    def _encode_image(self, image: np.ndarray) -> _EncodedImage:
+    def encode_image(self, image: np.ndarray) -> EncodedImage:
+        """Patchify, vision and connector (plus any anyres assembly): the image's feature tokens."""
         start = time.perf_counter()
         patches = patchify(image, self.manifest.preprocessing)
         timings = {"patchify_ms": _ms(start)}
@@ -182,9 +187,14 @@ class Pipeline:
         start = time.perf_counter()
         embeds = self.sessions.connector.run({connector.inputs[0].name: features})[connector.outputs[0].name]
         timings["connector_ms"] = _ms(start)
-        return _EncodedImage(embeds.reshape(-1, embeds.shape[-1]), patches.num_tiles, timings)
+        if self.image_newline is not None:
+            tokens = assemble_anyres_unpad(embeds, patches.plan, self.image_newline,
+                                           int(self.manifest.extra.get(ANYRES_MAX_KEY, 0)))
+        else:
+            tokens = embeds.reshape(-1, embeds.shape[-1])
+        return EncodedImage(tokens, patches.num_tiles, timings)
 
-    def _prompt_embeds(self, encoded: _EncodedImage, question: str) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_embeds(self, encoded: EncodedImage, question: str) -> tuple[np.ndarray, np.ndarray]:
         """Prompt ids and their embeddings with the image features spliced at the image-token positions."""
         spec, limit = self.manifest.prompt, self.manifest.decoder.max_seq_len
         ids = build_input_ids(spec, self.tokenizer, question, [len(encoded.image_embeds)])
@@ -256,5 +266,7 @@ def load_package(path: str | Path, backend: str = "ort-cpu", threads: int | None
         tokenizer = Tokenizer.from_file(str(package_dir / manifest.tokenizer))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         raise PackageError(f"cannot read the package tokenizer {manifest.tokenizer}: {exc}") from exc
+    image_newline = load_image_newline(package_dir, manifest)
     sessions = open_package(backend, package_dir, manifest, threads=threads)
-    return Pipeline(package_dir, manifest, sessions, tokenizer, sha256_file(package_dir / MANIFEST_NAME))
+    return Pipeline(package_dir, manifest, sessions, tokenizer, sha256_file(package_dir / MANIFEST_NAME),
+                    image_newline)

@@ -8,5 +8,5 @@ A layout module provides:
     sanitize(weights: dict[str, Tensor], config) -> dict[str, Tensor]   rename to native names
 """
 
-# Tried in order by `detect`; issue 4 adds "internvl_chat" and "llava".
-LAYOUTS = ("native",)
+# Tried in order by `detect`; each detects on config.json keys that the others do not write.
+LAYOUTS = ("native", "internvl_chat", "llava", "hf_internvl", "hf_llava_onevision")

@@ -93,6 +93,9 @@ BACKENDS: dict[str, BackendEntry] = {
     "ort-trt": BackendEntry("fundusrt.runtime.backends.onnxruntime", "ONNX Runtime, TensorRT execution provider",
                             {"providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                            "CPUExecutionProvider"]}),
+    "trt": BackendEntry("fundusrt.runtime.backends.tensorrt", "TensorRT engines (fundusrt build-engines)", {}),
+    "trt-graph": BackendEntry("fundusrt.runtime.backends.tensorrt", "TensorRT engines, decode steps as CUDA graphs",
+                              {"cuda_graph": True}),
 }
 
 

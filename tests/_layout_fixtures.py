@@ -1,0 +1,218 @@
+"""Tiny random checkpoints written in the real on-disk layouts (tensor names, shapes, config keys, shards).
+
+Names and shapes follow the shared reference (checkpoint-layouts.md) tables directly, not fundusrt's
+mapping code, so a wrong mapping cannot hide behind a matching writer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
+
+from fundusrt.models.tokenizer import build_tokenizer
+
+VOCAB = 600  # tokenizer (512 + a few added) plus spare rows, like real padded embedding tables
+
+
+def tokenizer(*extra: str) -> Tokenizer:
+    tok = build_tokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
+    return tok
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Weights with unit-scale activations and distinct norms/biases, so mix-ups change the output."""
+    if len(shape) >= 2:
+        fan_in = int(torch.tensor(shape[1:]).prod())
+        std = 1.0 if "emb" in name and "patch" not in name else 1.0 / fan_in**0.5
+        if name.endswith(("lm_head.weight", "output.weight")):
+            std = 2.0 / fan_in**0.5
+        return torch.randn(shape, generator=gen) * std
+    if name.endswith("bias"):
+        return torch.randn(shape, generator=gen) * 0.1
+    if name.endswith(("ls1", "ls2")):
+        return 0.5 + torch.rand(shape, generator=gen)
+    return 1.0 + 0.1 * torch.randn(shape, generator=gen)  # norm weights, image_newline
+
+
+def write_sharded(root: Path, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype,
+                  shards: int = 2) -> dict[str, torch.Tensor]:
+    """Random tensors for `shapes`, saved as `shards` safetensors files plus model.safetensors.index.json."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: random_tensor(name, shape, gen).to(dtype) for name, shape in shapes.items()}
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({n: tensors[n].contiguous() for n in part}, str(root / file), metadata={"format": "pt"})
+        weight_map |= {n: file for n in part}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return tensors
+
+
+# -- InternVL 2.5 chat ------------------------------------------------------------------------------
+
+IVL_VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "patch_size": 8, "image_size": 64, "num_channels": 3, "layer_norm_eps": 1e-6, "hidden_act": "gelu",
+              "model_type": "intern_vit_6b", "drop_path_rate": 0.1, "use_flash_attn": False}
+IVL_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+           "rope_theta": 1000000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "tie_word_embeddings": False}
+
+
+def internvl_chat_shapes(vc: dict, llm: dict, internlm2: bool) -> dict[str, tuple[int, ...]]:
+    d, f, p = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
+    g = vc["image_size"] // p
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision_model.embeddings.class_embedding": (1, 1, d),
+        "vision_model.embeddings.patch_embedding.weight": (d, 3, p, p),
+        "vision_model.embeddings.patch_embedding.bias": (d,),
+        "vision_model.embeddings.position_embedding": (1, g * g + 1, d),
+    }
+    norm_params = ("weight", "bias") if vc["norm_type"] == "layer_norm" else ("weight",)
+    for i in range(vc["num_hidden_layers"]):
+        pre = f"vision_model.encoder.layers.{i}."
+        for norm in ("norm1", "norm2"):
+            shapes |= {f"{pre}{norm}.{k}": (d,) for k in norm_params}
+        shapes[pre + "attn.qkv.weight"] = (3 * d, d)
+        if vc["qkv_bias"]:
+            shapes[pre + "attn.qkv.bias"] = (3 * d,)
+        if vc["qk_normalization"]:
+            shapes |= {pre + "attn.q_norm.weight": (d,), pre + "attn.k_norm.weight": (d,)}
+        shapes |= {pre + "attn.proj.weight": (d, d), pre + "attn.proj.bias": (d,), pre + "ls1": (d,),
+                   pre + "ls2": (d,), pre + "mlp.fc1.weight": (f, d), pre + "mlp.fc1.bias": (f,),
+                   pre + "mlp.fc2.weight": (d, f), pre + "mlp.fc2.bias": (d,)}
+    h, inter, v = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+    hd = h // heads
+    shapes |= {"mlp1.0.weight": (4 * d,), "mlp1.0.bias": (4 * d,), "mlp1.1.weight": (h, 4 * d), "mlp1.1.bias": (h,),
+               "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,)}
+    lm = "language_model.model."
+    if internlm2:
+        shapes |= {lm + "tok_embeddings.weight": (v, h), lm + "norm.weight": (h,), "language_model.output.weight": (v, h)}
+        for i in range(llm["num_hidden_layers"]):
+            pre = f"{lm}layers.{i}."
+            shapes |= {pre + "attention.wqkv.weight": ((heads + 2 * kv) * hd, h), pre + "attention.wo.weight": (h, h),
+                       pre + "feed_forward.w1.weight": (inter, h), pre + "feed_forward.w3.weight": (inter, h),
+                       pre + "feed_forward.w2.weight": (h, inter), pre + "attention_norm.weight": (h,),
+                       pre + "ffn_norm.weight": (h,)}
+        return shapes
+    shapes |= {lm + "embed_tokens.weight": (v, h), lm + "norm.weight": (h,), "language_model.lm_head.weight": (v, h)}
+    for i in range(llm["num_hidden_layers"]):
+        pre = f"{lm}layers.{i}."
+        shapes |= {pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.q_proj.bias": (h,),
+                   pre + "self_attn.k_proj.weight": (kv * hd, h), pre + "self_attn.k_proj.bias": (kv * hd,),
+                   pre + "self_attn.v_proj.weight": (kv * hd, h), pre + "self_attn.v_proj.bias": (kv * hd,),
+                   pre + "self_attn.o_proj.weight": (h, h), pre + "mlp.gate_proj.weight": (inter, h),
+                   pre + "mlp.up_proj.weight": (inter, h), pre + "mlp.down_proj.weight": (h, inter),
+                   pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,)}
+    return shapes
+
+
+def write_internvl_chat(root: Path, *, internlm2: bool, qk_norm: bool = False, seed: int = 0,
+                        max_dynamic_patch: int = 6) -> Path:
+    """A tiny FundusExpert-style InternVLChatModel directory (bf16 weights for the InternLM2 variant)."""
+    root.mkdir(parents=True, exist_ok=True)
+    vc = {**IVL_VISION, "qkv_bias": not qk_norm, "qk_normalization": qk_norm,
+          "norm_type": "rms_norm" if qk_norm else "layer_norm"}
+    if internlm2:
+        llm = {**IVL_LLM, "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+               "attn_implementation": "eager", "bos_token_id": 1, "eos_token_id": 2}
+        tok = tokenizer("<s>")
+    else:
+        llm = {**IVL_LLM, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+        tok = tokenizer()
+    config = {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+        "template": "internvl2_5", "downsample_ratio": 0.5, "force_image_size": 64, "ps_version": "v2",
+        "select_layer": -1, "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1,
+        "max_dynamic_patch": max_dynamic_patch, "pad2square": False, "use_backbone_lora": 0, "use_llm_lora": 0,
+        "tie_word_embeddings": False, "hidden_size": llm["hidden_size"], "torch_dtype": "bfloat16",
+        "vision_config": vc, "llm_config": llm,
+    }
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    (root / "tokenizer.json").write_text(tok.to_str())
+    (root / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": internlm2, "bos_token": "<s>"}))
+    write_sharded(root, internvl_chat_shapes(vc, llm, internlm2), seed,
+                  torch.bfloat16 if internlm2 else torch.float32)
+    return root
+
+
+# -- LLaVA + dense connector (EyecareGPT style: SigLIP + Phi-3, anyres, spatial_unpad) -----------------
+
+SIGLIP_TINY = {"model_type": "siglip_vision_model", "hidden_size": 32, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "intermediate_size": 64, "image_size": 32, "patch_size": 8,
+               "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+PHI3_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+PHI3_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def siglip_shapes(prefix: str, vc: dict, head: bool) -> dict[str, tuple[int, ...]]:
+    d, f, p = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
+    g = vc["image_size"] // p
+    shapes: dict[str, tuple[int, ...]] = {
+        prefix + "embeddings.patch_embedding.weight": (d, 3, p, p), prefix + "embeddings.patch_embedding.bias": (d,),
+        prefix + "embeddings.position_embedding.weight": (g * g, d),
+        prefix + "post_layernorm.weight": (d,), prefix + "post_layernorm.bias": (d,),
+    }
+    for i in range(vc["num_hidden_layers"]):
+        pre = f"{prefix}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes |= {f"{pre}self_attn.{proj}.weight": (d, d), f"{pre}self_attn.{proj}.bias": (d,)}
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes |= {f"{pre}{norm}.weight": (d,), f"{pre}{norm}.bias": (d,)}
+        shapes |= {pre + "mlp.fc1.weight": (f, d), pre + "mlp.fc1.bias": (f,), pre + "mlp.fc2.weight": (d, f),
+                   pre + "mlp.fc2.bias": (d,)}
+    if head:  # SigLIP's attention-pooling head, which the Dense Connector keeps and never uses
+        shapes |= {prefix + "head.probe": (1, 1, d), prefix + "head.layernorm.weight": (d,)}
+    return shapes
+
+
+def llava_phi3_shapes(vc: dict, llm: dict, mm_hidden: int, with_tower: bool) -> dict[str, tuple[int, ...]]:
+    h, inter, v = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+    hd = h // heads
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h),
+              "model.mm_projector.0.weight": (h, mm_hidden), "model.mm_projector.0.bias": (h,),
+              "model.mm_projector.2.weight": (h, h), "model.mm_projector.2.bias": (h,), "model.image_newline": (h,)}
+    for i in range(llm["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        shapes |= {pre + "self_attn.qkv_proj.weight": ((heads + 2 * kv) * hd, h), pre + "self_attn.o_proj.weight": (h, h),
+                   pre + "mlp.gate_up_proj.weight": (2 * inter, h), pre + "mlp.down_proj.weight": (h, inter),
+                   pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,)}
+    if with_tower:
+        shapes |= siglip_shapes("model.vision_tower.vision_tower.vision_model.", vc, head=True)
+    return shapes
+
+
+def write_llava_phi3_dense(root: Path, *, seed: int = 0, with_tower: bool = True) -> Path:
+    """A tiny EyecareGPT-style checkpoint: LlavaPhiForCausalLM, SigLIP tower, dci dense connector, anyres."""
+    root.mkdir(parents=True, exist_ok=True)
+    tower = root / "siglip-tiny-patch8-32"
+    tower.mkdir(exist_ok=True)
+    (tower / "config.json").write_text(json.dumps(SIGLIP_TINY))
+    mm_hidden = 3 * SIGLIP_TINY["hidden_size"]
+    config = {
+        **PHI3_TINY, "architectures": ["LlavaPhiForCausalLM"], "model_type": "llava_phi",
+        "mm_vision_tower": tower.name, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": mm_hidden,
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_dense_connector_type": "dci",
+        "image_aspect_ratio": "anyres", "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64], [96, 32]],
+        "mm_patch_merge_type": "spatial_unpad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "use_mm_proj": True,
+        "torch_dtype": "float16",
+    }
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    (root / "tokenizer.json").write_text(tokenizer(*PHI3_TOKENS).to_str())
+    (root / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    write_sharded(root, llava_phi3_shapes(SIGLIP_TINY, PHI3_TINY, mm_hidden, with_tower), seed, torch.float16)
+    return root
