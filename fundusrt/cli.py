@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "study": ("fundusrt.dicom.cli", "show what the reader finds in a DICOM file, folder or list"),
     "export": ("fundusrt.export.cli", "export a checkpoint into a model package (ONNX + manifest)"),
     "run": ("fundusrt.runtime.cli", "run a DICOM study through a model package and report findings"),
+    "train": ("fundusrt.training.cli", "fine-tune (LoRA or full) on LLaVA JSON / InternVL JSONL instruction data"),
     "calibrate": ("fundusrt.calibration.cli", "INT8 Q/DQ package from an fp32 one, calibrated on images and prompts, accuracy-gated"),
     "build-engines": ("fundusrt.export.tensorrt", "build TensorRT engines (fp16 or Q/DQ INT8) into a package"),
     "bench": ("fundusrt.bench.cli", "latency against accuracy of model packages across backends, with a baseline"),
