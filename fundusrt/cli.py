@@ -13,6 +13,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("fundusrt.synth.cli", "write synthetic fundus studies (DICOM) with ground truth"),
     "study": ("fundusrt.dicom.cli", "show what the reader finds in a DICOM file, folder or list"),
+    "inspect": ("fundusrt.models.cli", "describe a checkpoint: layout, parameters, tiling, template, missing tensors"),
     "export": ("fundusrt.export.cli", "export a checkpoint into a model package (ONNX + manifest)"),
     "run": ("fundusrt.runtime.cli", "run a DICOM study through a model package and report findings"),
     "train": ("fundusrt.training.cli", "fine-tune (LoRA or full) on LLaVA JSON / InternVL JSONL instruction data"),

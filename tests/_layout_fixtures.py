@@ -9,9 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
+from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+)
 
 from fundusrt.models.tokenizer import build_tokenizer
 
@@ -216,3 +223,71 @@ def write_llava_phi3_dense(root: Path, *, seed: int = 0, with_tower: bool = True
     (root / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     write_sharded(root, llava_phi3_shapes(SIGLIP_TINY, PHI3_TINY, mm_hidden, with_tower), seed, torch.float16)
     return root
+
+
+# -- transformers-native directories (what save_pretrained writes) --------------------------------------
+
+QWEN2_TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+              "max_position_embeddings": 2048}
+SHARD = "120KB"  # several shards plus model.safetensors.index.json for these tiny models
+
+
+def fundus_like(width: int, height: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 220, y / height * 160, (x * y) % 89 * 2.5], axis=-1)
+    return np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """The layout fixtures' weight scales (unit-scale activations, wide logits), so greedy decoding of a
+    random model is varied."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.copy_(random_tensor(name, tuple(p.shape), gen))
+
+
+def write_hf_internvl(root: Path, seed: int = 0, tie_word_embeddings: bool = False,
+                      ) -> tuple[InternVLForConditionalGeneration, Tokenizer]:
+    """A tiny InternVLForConditionalGeneration saved by transformers in bf16 and sharded; returns the model
+    (float32, holding exactly the saved bf16 values) and its tokenizer."""
+    tok = tokenizer()
+    config = InternVLConfig(
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                       "image_size": [64, 64], "patch_size": [8, 8], "attention_bias": True},
+        text_config=QWEN2_TINY, image_token_id=tok.token_to_id("<IMG_CONTEXT>"), image_seq_length=16,
+        downsample_ratio=0.5, tie_word_embeddings=tie_word_embeddings)
+    model = InternVLForConditionalGeneration(config).eval()
+    _randomise(model, seed)
+    model.to(torch.bfloat16).save_pretrained(str(root), max_shard_size=SHARD)
+    (root / "tokenizer.json").write_text(tok.to_str())
+    return model.float(), tok
+
+
+def write_hf_llava_onevision(root: Path, seed: int = 0) -> tuple[LlavaOnevisionForConditionalGeneration, Tokenizer]:
+    """A tiny LlavaOnevisionForConditionalGeneration (SigLIP, three concatenated feature layers, anyres_max_1)
+    saved by transformers, sharded; returns the model and its tokenizer."""
+    tok = tokenizer("<image>")
+    config = LlavaOnevisionConfig(
+        vision_config=dict(SIGLIP_TINY), text_config=QWEN2_TINY, image_token_index=tok.token_to_id("<image>"),
+        video_token_index=VOCAB - 1, vision_feature_layer=[-1, 1, 2], vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_1", image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [64, 96], [96, 96]],
+        tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _randomise(model, seed)
+    model.save_pretrained(str(root), max_shard_size=SHARD)
+    (root / "tokenizer.json").write_text(tok.to_str())
+    return model, tok
+
+
+
+def assert_same_tokens(ours: list[int], theirs: list[int], stops: set[int], min_compared: int = 16) -> None:
+    """Ours may stop at a stop token (not returned); up to there it must equal the reference exactly."""
+    assert ours == theirs[:len(ours)], (
+        f"first divergence at step {next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))}: "
+        f"ours {ours}, reference {theirs}")
+    assert len(ours) == len(theirs) or theirs[len(ours)] in stops, f"stopped early without a stop token: {ours}"
+    assert len(ours) >= min_compared, f"only {len(ours)} tokens compared: {ours}"
+    assert len(set(theirs)) > 4, f"degenerate reference output {theirs}"

@@ -10,14 +10,19 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
 from transformers import InternVLConfig, InternVLForConditionalGeneration  # noqa: E402
 
-from _layout_fixtures import PHI3_TINY, SIGLIP_TINY, write_internvl_chat, write_llava_phi3_dense  # noqa: E402
+from _layout_fixtures import (  # noqa: E402
+    PHI3_TINY,
+    SIGLIP_TINY,
+    assert_same_tokens,
+    write_internvl_chat,
+    write_llava_phi3_dense,
+)
 from fundusrt.config import SIGLIP_MEAN, SIGLIP_STD, GenerationConfig, TilingConfig  # noqa: E402
 from fundusrt.export.package import export_package  # noqa: E402
 from fundusrt.kernels import patchify  # noqa: E402
@@ -43,15 +48,6 @@ def _hf_greedy(hf_model: torch.nn.Module, ids: list[int], **image_kwargs: object
                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None,
                                 pad_token_id=0, **image_kwargs)
     return out[0, len(ids):].tolist()
-
-
-def _assert_same_tokens(ours: list[int], theirs: list[int], stops: set[int]) -> None:
-    """Ours may stop early at a stop token; up to there it must equal the reference exactly."""
-    assert ours == theirs[:len(ours)], (
-        f"first divergence at step {next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)}: "
-        f"ours {ours}, reference {theirs}")
-    assert len(ours) == NEW_TOKENS or ours[-1] in stops
-    assert len(set(theirs)) > 4, f"degenerate reference output {theirs}"
 
 
 # -- InternVL 2.5 chat (FundusExpert) -----------------------------------------------------------------
@@ -170,7 +166,7 @@ def test_internvl_chat_matches_transformers_internvl(internvl_chat) -> None:
     hf_model = hf_internvl(checkpoint, config, tokenizer.token_to_id("<IMG_CONTEXT>"))
     theirs = _hf_greedy(hf_model, ids, pixel_values=torch.from_numpy(pixels))
     assert spec.stop_token_ids == [tokenizer.token_to_id("<|im_end|>")]
-    _assert_same_tokens(answer.token_ids, theirs, set(spec.stop_token_ids))
+    assert_same_tokens(answer.token_ids, theirs, set(spec.stop_token_ids))
 
 
 def test_internlm2_wqkv_split_matches_the_forward_rule() -> None:
@@ -267,7 +263,7 @@ def test_llava_dense_anyres_matches_direct_formula(llava_dense, size: tuple[int,
     image = fundus_like(*size, seed=size[0])
     answer = pipe.ask(image, QUESTION, GenerationConfig(max_new_tokens=NEW_TOKENS))
     theirs = llava_dense_reference(checkpoint, config, image, QUESTION, pipe.tokenizer)
-    _assert_same_tokens(answer.token_ids, theirs, set(pipe.manifest.prompt.stop_token_ids))
+    assert_same_tokens(answer.token_ids, theirs, set(pipe.manifest.prompt.stop_token_ids))
     # the PyTorch reference model (models.assembly) agrees with the runtime's NumPy assembly
     model = load(checkpoint)
     pixels = torch.from_numpy(patchify(image, model.config.tiling).pixel_values)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from fundusrt.config import ConnectorConfig, ModelConfig, VisionConfig  # noqa: E402
+from fundusrt.config import ModelConfig, VisionConfig  # noqa: E402
 from fundusrt.models import CheckpointError, detect_layout, load  # noqa: E402
 from fundusrt.models.tiny import FAMILIES, build_tiny_model, tiny_config, write_tiny_checkpoint  # noqa: E402
 from fundusrt.models.tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402

@@ -32,7 +32,7 @@ from fundusrt.calibration.dataset import (
 from fundusrt.calibration.gate import GateReport, GateThresholds, evaluate_gate
 from fundusrt.calibration.quantize import QuantOptions, quantize_qdq, quantize_weight_only
 from fundusrt.calibration.record import record_calibration_set
-from fundusrt.manifest import MANIFEST_NAME, Manifest, sha256_file
+from fundusrt.manifest import Manifest, sha256_file
 from fundusrt.runtime.pipeline import Pipeline, load_package
 
 QUANTIZATION_KEY = "quantization"

@@ -25,7 +25,8 @@ class CheckpointError(Exception):
     """A checkpoint is missing, of an unknown layout, or does not match its config."""
 
 
-def _layout_module(name: str) -> ModuleType:
+def layout_module(name: str) -> ModuleType:
+    """The layout module registered under `name` (detect, read_config, weight_files, sanitize)."""
     if name not in LAYOUTS:
         raise CheckpointError(f"unknown checkpoint layout {name!r}; known: {list(LAYOUTS)}")
     return importlib.import_module(f"fundusrt.models.layouts.{name}")
@@ -37,7 +38,7 @@ def detect_layout(path: str | Path) -> str:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint {root} is not a directory; pass the folder holding config.json")
     for name in LAYOUTS:
-        if _layout_module(name).detect(root):
+        if layout_module(name).detect(root):
             return name
     raise CheckpointError(f"{root} holds no checkpoint layout fundusrt knows ({', '.join(LAYOUTS)}): expected a "
                           "config.json of a fundusrt native checkpoint (\"format\": \"fundusrt\"), an InternVL chat "
@@ -46,7 +47,7 @@ def detect_layout(path: str | Path) -> str:
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Create every nn.Parameter on the meta device (buffers stay real) while the block runs."""
     register = nn.Module.register_parameter
 
@@ -90,12 +91,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, layout: str | Non
         attn_implementation: transformers attention backend ("sdpa" or "eager").
     """
     root = Path(path)
-    module = _layout_module(layout or detect_layout(root))
+    module = layout_module(layout or detect_layout(root))
     try:
         config, tokenizer = module.read_config(root)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot read the config of checkpoint {root}: {exc}") from exc
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = LVLM(config, tokenizer, attn_implementation)
     try:
         files = module.weight_files(root)
