@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 
 from fundusrt.config import GenerationConfig
 from fundusrt.node import Destination, Node, NodeConfig, NodeConfigError, StateStore
-from fundusrt.node.state import DONE, PROCESSING, RECEIVED, SENDING
+from fundusrt.node.state import DONE, FAILED, PROCESSING, RECEIVED, SENDING
 from fundusrt.synth import draw_fundus, random_case, write_op_image, write_study
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -152,6 +152,17 @@ def test_state_machine(tmp_path: Path) -> None:
     (claimed,) = state.claim_due(quiet_seconds=5, now=120.0)
     assert claimed.runs == 3 and state.finish("1.2.3") == DONE
     assert state.claim_due(quiet_seconds=0, now=1e12) == []  # done is never picked up again
+    state.close()
+
+
+def test_failed_run_with_new_instances_runs_again(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "s.sqlite")
+    state.add_instance("1.9", "1.9.1", "a", now=1.0)
+    state.claim_due(quiet_seconds=0, now=2.0)
+    state.add_instance("1.9", "1.9.2", "b", now=3.0)  # arrives while the failing run is in progress
+    assert state.fail("1.9", "model error") == RECEIVED
+    state.claim_due(quiet_seconds=0, now=4.0)
+    assert state.fail("1.9", "model error again") == FAILED  # nothing new: it stays failed
     state.close()
 
 

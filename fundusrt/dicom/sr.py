@@ -243,6 +243,8 @@ def build_sr(report: Any, sources: Mapping[str, Any] | None = None) -> Any:
         series_description="fundusrt findings",
     )
     sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
+    # generated text may hold any Unicode; UTF-8 keeps it as written (Latin-1 would replace it)
+    sr.SpecificCharacterSet = "ISO_IR 192"
     return sr
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
-import threading
+import time
 from pathlib import Path
 
 from fundusrt.node.config import Destination, NodeConfig, NodeConfigError
@@ -16,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `fundusrt serve`."""
     parser.add_argument("--package", required=True, type=Path, help="model package folder (manifest.json)")
     parser.add_argument("--spool", required=True, type=Path, help="folder for received studies, results, state, audit")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112; 0: any free port)")
     parser.add_argument("--no-scp", action="store_true", help="do not listen for DICOM (watch-folder only)")
     parser.add_argument("--ae-title", default="FUNDUSRT", help="our AE title (default FUNDUSRT)")
@@ -34,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path, help="serve over TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA (PEM)")
+    parser.add_argument("--send-tls-ca", type=Path,
+                        help="send results over TLS, trusting destination certificates this CA signed (PEM)")
+    parser.add_argument("--send-tls-cert", type=Path, help="our client certificate for sending over TLS (PEM)")
+    parser.add_argument("--send-tls-key", type=Path, help="private key of --send-tls-cert (PEM)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (128)")
     parser.add_argument("--backend", default="ort-cpu", help="runtime backend (default ort-cpu)")
     parser.add_argument("--threads", type=int, help="intra-op threads of the backend")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -46,32 +53,55 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         allowed_calling_aets=tuple(args.allow_calling_ae), max_associations=args.max_associations,
         max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024), quiet_seconds=args.quiet_seconds,
         destination=args.send_to, output_dir=args.out, watch_dir=args.watch, write_pdf=args.pdf,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, send_tls_ca=args.send_tls_ca,
+        send_tls_cert=args.send_tls_cert, send_tls_key=args.send_tls_key,
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    """Serve until interrupted; 2 on bad settings or an unusable package."""
+    """Serve until SIGINT/SIGTERM, then stop cleanly (0); 2 on bad settings, an unusable package or a failed start."""
+    from fundusrt._deps import MissingDependencyError
+    from fundusrt.config import GenerationConfig
     from fundusrt.manifest import PackageError
     from fundusrt.node.service import Node
+    from fundusrt.runtime.backends.base import BackendError
     from fundusrt.runtime.pipeline import load_package
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # The handler only records the signal: setting a threading.Event from a handler can deadlock when the
+    # signal lands while the main thread holds that Event's lock. Installed first, so that a signal while
+    # the package loads also ends the process cleanly.
+    signals: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: signals.append(signum))
     try:
         config = config_from_args(args)
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         pipeline = load_package(args.package, backend=args.backend, threads=args.threads)
-    except (NodeConfigError, PackageError) as exc:
+    except (NodeConfigError, PackageError, BackendError, MissingDependencyError, ValueError) as exc:
         print(f"fundusrt serve: {exc}", file=sys.stderr)
         return 2
-    node = Node(config, pipeline.run_study)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    node.start()
-    print(f"fundusrt serve: {config.ae_title} on {config.host}:{node.port}, spool {config.spool}", flush=True)
-    stop.wait()
+    if signals:
+        return 0
+    node = None
+    try:
+        node = Node(config, lambda study_dir: pipeline.run_study(study_dir, gen=gen))
+        node.start()
+    except (NodeConfigError, OSError, sqlite3.Error, MissingDependencyError) as exc:  # bad certificate, port in use
+        if node is not None:
+            node.stop()
+        print(f"fundusrt serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    inputs = [f"DICOM on {config.host}:{node.port}{' (TLS)' if config.tls_cert else ''}"] if node.port else []
+    inputs += [f"watching {config.watch_dir}"] if config.watch_dir is not None else []
+    print(f"fundusrt serve: {config.ae_title} ready: {', '.join(inputs)}; spool {config.spool}", flush=True)
+    while not signals:
+        time.sleep(0.2)  # a signal cuts the sleep short only by running its handler, so poll the list
+    print(f"fundusrt serve: {signal.Signals(signals[0]).name} received; stopping after the study in progress",
+          flush=True)
     node.stop()
+    print("fundusrt serve: stopped", flush=True)
     return 0
 
 

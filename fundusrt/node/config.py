@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,30 @@ def check_ae_title(title: str, what: str) -> str:
     if not _AE_TITLE.match(title or "") or not title.strip():
         raise NodeConfigError(f"{what} {title!r} is not a valid AE title (1-16 printable ASCII characters)")
     return title.strip()
+
+
+def load_tls_files(context: ssl.SSLContext, cert: Path | None, key: Path | None, ca: Path | None,
+                   prefix: str) -> None:
+    """Load a certificate chain and a CA file into `context`; NodeConfigError naming the settings when unusable.
+
+    Args:
+        context: the context to load into.
+        cert / key: certificate chain and its private key (None: the key is in the `cert` file).
+        ca: CA certificates to trust for the peer's certificate.
+        prefix: "tls" or "send_tls", the settings' prefix, for the message.
+    """
+    try:
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key) if key is not None else None)
+    except ssl.SSLError as exc:
+        raise NodeConfigError(f"{prefix}_cert {cert} and {prefix}_key {key} cannot be used ({exc.reason or exc}): "
+                              "both must be PEM files and the key must belong to the certificate") from exc
+    try:
+        if ca is not None:
+            context.load_verify_locations(str(ca))
+    except ssl.SSLError as exc:
+        raise NodeConfigError(f"{prefix}_ca {ca} cannot be used ({exc.reason or exc}): a PEM file of CA "
+                              "certificates is expected") from exc
 
 
 @dataclass(frozen=True)
@@ -61,6 +86,9 @@ class NodeConfig:
         watch_dir: also ingest DICOM files that appear in this folder (never modified or deleted).
         write_pdf: add an Encapsulated PDF report to the results.
         tls_cert / tls_key / tls_ca: serve over TLS; with tls_ca, clients must present a certificate it signed.
+        send_tls_ca: send results over TLS, trusting destination certificates this CA signed (the certificate
+            must name the destination host, as a DNS name or IP address).
+        send_tls_cert / send_tls_key: our client certificate for destinations that require one.
         max_send_attempts: deliveries tried before a study is marked failed.
         poll_seconds: how often the scheduler and the folder watcher look for work.
     """
@@ -80,6 +108,9 @@ class NodeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    send_tls_ca: Path | None = None
+    send_tls_cert: Path | None = None
+    send_tls_key: Path | None = None
     max_send_attempts: int = 5
     poll_seconds: float = 0.5
     accepted_sop_classes: tuple[str, ...] = field(default=ACCEPTED_SOP_CLASSES)
@@ -100,6 +131,20 @@ class NodeConfig:
             raise NodeConfigError("TLS needs both a certificate and its private key (tls_cert and tls_key)")
         if self.tls_ca is not None and self.tls_cert is None:
             raise NodeConfigError("tls_ca (client certificate check) needs tls_cert and tls_key as well")
+        if (self.send_tls_cert is None) != (self.send_tls_key is None):
+            raise NodeConfigError("a client certificate for sending needs its private key (send_tls_cert and "
+                                  "send_tls_key)")
+        if self.send_tls_cert is not None and self.send_tls_ca is None:
+            raise NodeConfigError("send_tls_cert is used only over TLS: give send_tls_ca, the CA that signed the "
+                                  "destination's certificate")
+        if self.send_tls_ca is not None and self.destination is None:
+            raise NodeConfigError("send_tls_ca is set but there is no destination AE to send to")
+        for name in ("tls_cert", "tls_key", "tls_ca", "send_tls_ca", "send_tls_cert", "send_tls_key"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+                if not Path(value).is_file():
+                    raise NodeConfigError(f"{name} {value} is not a file (PEM certificate or key expected)")
         if self.port is None and self.watch_dir is None:
             raise NodeConfigError("nothing to receive from: give a port for the SCP or a folder to watch")
         if self.destination is None and self.output_dir is None:

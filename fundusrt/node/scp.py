@@ -7,12 +7,13 @@ spool, fsync'd it and committed it to the state file.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from fundusrt._deps import require
-from fundusrt.node.config import NodeConfig
+from fundusrt.node.config import NodeConfig, load_tls_files
 
 log = logging.getLogger("fundusrt.node")
 
@@ -22,19 +23,53 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
-# ingest(data, too_large) -> status; `data` is the instance as a DICOM Part 10 file
+# ingest(data) -> C-STORE status; `data` is the instance as a DICOM Part 10 file
 IngestFn = Callable[[bytes], int]
+
+
+class _ServerTLSContext(ssl.SSLContext):
+    """Hands accepted sockets over before the TLS handshake.
+
+    pynetdicom wraps each accepted socket in its single accept loop; a handshake there would let one
+    client that connects and stays silent stall every other connection. With the handshake deferred,
+    it runs in that connection's own thread (`handshake`), bounded by `handshake_timeout` (which then
+    also bounds a peer that stalls in the middle of a message).
+    """
+
+    handshake_timeout: float = 30.0
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock.settimeout(self.handshake_timeout)
+        return super().wrap_socket(sock, server_side, False, *args, **kwargs)
+
+
+def handshake(event: Any) -> None:
+    """EVT_CONN_OPEN handler: complete the deferred TLS handshake before pynetdicom reads.
+
+    A refused client (no certificate, an untrusted one, no TLS at all) gets one warning line and its
+    socket closed, which pynetdicom treats as a closed connection; left to pynetdicom's first read, the
+    same failure is logged as an error with a traceback.
+    """
+    sock = event.assoc.dul.socket.socket
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    try:
+        sock.do_handshake()
+    except OSError as exc:  # ssl.SSLError and timeouts included
+        log.warning("refused a TLS connection from %s:%s: %s", *event.address[:2],
+                    getattr(exc, "reason", None) or exc)
+        sock.close()
 
 
 def tls_context(config: NodeConfig) -> ssl.SSLContext | None:
     """A server-side TLS context from the node settings, or None when TLS is not configured."""
     if config.tls_cert is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = _ServerTLSContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    load_tls_files(context, config.tls_cert, config.tls_key, config.tls_ca, "tls")
     if config.tls_ca is not None:
-        context.load_verify_locations(str(config.tls_ca))
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -70,7 +105,7 @@ def start_scp(config: NodeConfig, ingest: IngestFn) -> Any:
             return OUT_OF_RESOURCES
         return ingest(event.encoded_dataset())
 
-    handlers = [(pynetdicom.evt.EVT_C_STORE, on_store)]
+    handlers = [(pynetdicom.evt.EVT_C_STORE, on_store), (pynetdicom.evt.EVT_CONN_OPEN, handshake)]
     server = ae.start_server((config.host, config.port or 0), block=False, evt_handlers=handlers,
                              ssl_context=tls_context(config))
     host, port = server.server_address[:2]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
 from fundusrt._deps import require
-from fundusrt.node.config import Destination
+from fundusrt.node.config import Destination, load_tls_files
 
 log = logging.getLogger("fundusrt.node")
 _TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, implicit VR little endian
@@ -17,8 +18,33 @@ class SendError(RuntimeError):
     """The destination refused the association or an instance; the message says which and why."""
 
 
-def send_files(paths: Sequence[Path], destination: Destination, calling_ae: str, timeout: float = 30.0) -> int:
+def client_tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A TLS context for sending: trusts destination certificates `ca` signed, checks the host name.
+
+    Args:
+        ca: PEM file of the CA (or CAs) that signed the destination's certificate.
+        cert / key: our client certificate and its key, for destinations that require one.
+
+    Raises:
+        NodeConfigError: a file is not usable PEM, or the key does not belong to the certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # certificate and host name required; no system CAs
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_tls_files(context, cert, key, ca, "send_tls")
+    return context
+
+
+def send_files(paths: Sequence[Path], destination: Destination, calling_ae: str, timeout: float = 30.0,
+               tls: ssl.SSLContext | None = None) -> int:
     """Send DICOM files in one association; returns how many were stored.
+
+    Args:
+        paths: DICOM files.
+        destination: the receiving AE.
+        calling_ae: our AE title.
+        timeout: seconds for the association, each message and the network.
+        tls: send over TLS with this context (see `client_tls_context`); the destination's certificate must
+            name `destination.host`.
 
     Raises:
         SendError: association rejected/aborted, or a C-STORE status other than success or warning.
@@ -29,13 +55,15 @@ def send_files(paths: Sequence[Path], destination: Destination, calling_ae: str,
     if not datasets:
         return 0
     ae = pynetdicom.AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, list(_TRANSFER_SYNTAXES))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=(tls, destination.host) if tls is not None else None)
     if not assoc.is_established:
         raise SendError(f"{destination.ae_title}@{destination.host}:{destination.port} did not accept an association "
-                        f"from {calling_ae} (rejected, aborted or unreachable)")
+                        f"from {calling_ae} (rejected, aborted or unreachable"
+                        f"{'; or the TLS handshake failed: check the CA, certificates and host name' if tls else ''})")
     stored = 0
     try:
         for path, ds in zip(paths, datasets, strict=True):

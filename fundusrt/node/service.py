@@ -15,7 +15,7 @@ from fundusrt.node.audit import AuditLog
 from fundusrt.node.config import NodeConfig
 from fundusrt.node.results import write_results
 from fundusrt.node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, start_scp
-from fundusrt.node.sender import SendError, send_files
+from fundusrt.node.sender import SendError, client_tls_context, send_files
 from fundusrt.node.spool import Spool, SpoolError, durable_write
 from fundusrt.node.state import DONE, FAILED, SENDING, StateStore
 from fundusrt.node.watch import FolderWatcher
@@ -42,6 +42,10 @@ class Node:
     def __init__(self, config: NodeConfig, process: ProcessFn) -> None:
         self.config = config
         self.process = process
+        # Built first: an unreadable certificate or key is reported at start-up, before any state is opened,
+        # and not at the first delivery.
+        self._send_tls = (client_tls_context(config.send_tls_ca, config.send_tls_cert, config.send_tls_key)
+                          if config.send_tls_ca is not None else None)
         self.spool = Spool(config.spool)
         self.state = StateStore(self.spool.state_path)
         self.audit = AuditLog(self.spool.audit_path)
@@ -158,9 +162,10 @@ class Node:
             data = report.to_dict() if hasattr(report, "to_dict") else report
             results = write_results(data, self.spool.fresh_results_dir(study_uid, generation), self.config.write_pdf)
         except Exception as exc:  # one bad study must not stop the node
-            self.state.fail(study_uid, _reason(exc))
+            state = self.state.fail(study_uid, _reason(exc))
             self.audit.write("failed", study_uid, stage="processing", reason=_reason(exc))
-            log.error("study %s failed: %s", study_uid, _reason(exc))
+            log.error("study %s failed: %s%s", study_uid, _reason(exc),
+                      "" if state == FAILED else "; newer instances arrived, running again")
             return
         outputs = [(r.sop_instance_uid or f"json:{study_uid}:{generation}", str(r.path)) for r in results]
         self.state.record_outputs(study_uid, outputs)
@@ -179,7 +184,7 @@ class Node:
                         durable_write(target / path.name, path.read_bytes())
                 self.audit.write("sent", study_uid, to=str(self.config.output_dir), files=len(outputs))
             if self.config.destination is not None:
-                sent = send_files(dicom_files, self.config.destination, self.config.ae_title)
+                sent = send_files(dicom_files, self.config.destination, self.config.ae_title, tls=self._send_tls)
                 dest = self.config.destination
                 self.audit.write("sent", study_uid, to=f"{dest.ae_title}@{dest.host}:{dest.port}", instances=sent)
         except (SendError, OSError) as exc:

@@ -177,10 +177,16 @@ class StateStore:
                         "reason='', updated=? WHERE study_uid=? RETURNING state", (RECEIVED, DONE, time.time(), study_uid))
         return rows[0][0]
 
-    def fail(self, study_uid: str, reason: str) -> None:
-        """Mark a study ``failed`` with a reason (no PHI: callers pass UIDs and error text only)."""
-        self._tx("UPDATE studies SET state=?, reason=?, updated=? WHERE study_uid=?",
-                 (FAILED, reason[:2000], time.time(), study_uid))
+    def fail(self, study_uid: str, reason: str) -> str:
+        """Mark a study ``failed`` with a reason (no PHI: callers pass UIDs and error text only); returns the state.
+
+        When instances arrived during the failed run the study goes back to ``received`` instead: they may
+        be what the run was missing, and nothing else would ever pick the study up again.
+        """
+        rows = self._tx("UPDATE studies SET state = CASE WHEN generation > claimed_generation THEN ? ELSE ? END, "
+                        "reason=?, updated=? WHERE study_uid=? RETURNING state",
+                        (RECEIVED, FAILED, reason[:2000], time.time(), study_uid))
+        return rows[0][0]
 
     def count_send_attempt(self, study_uid: str, reason: str) -> int:
         """Note a failed delivery; returns the attempts so far."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from fundusrt.runtime.backends.base import BACKENDS
 
@@ -15,13 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", action="append", dest="questions", metavar="Q",
                         help="question to ask about every image (repeatable; default: the package's questions)")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="also write the report as JSON to OUT")
+    parser.add_argument("--dicom-out", type=Path, metavar="DIR",
+                        help="also write DICOM results into DIR: a Comprehensive SR, a Secondary Capture with the "
+                             "lesion boxes per image that has any, and the JSON report (needs fundusrt[node])")
+    parser.add_argument("--pdf", action="store_true", help="with --dicom-out: add an Encapsulated PDF report")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (128)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads per session")
     parser.add_argument("--backend", default="ort-cpu", choices=sorted(BACKENDS), help="inference backend (ort-cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the study, print the text report, write JSON when asked; 1 with a one-line message on errors."""
+    """Run the study, print the text report, write JSON and DICOM results when asked.
+
+    Returns 1 with a one-line message on errors, 2 for --pdf without --dicom-out.
+    """
     # Imported here so that `fundusrt run --help` stays fast.
     from fundusrt._deps import MissingDependencyError
     from fundusrt.config import GenerationConfig
@@ -29,6 +38,9 @@ def main(args: argparse.Namespace) -> int:
     from fundusrt.runtime.backends.base import BackendError
     from fundusrt.runtime.pipeline import load_package
 
+    if args.pdf and args.dicom_out is None:
+        print("fundusrt run: error: --pdf is part of the DICOM results: add --dicom-out DIR", file=sys.stderr)
+        return 2
     source = args.study[0] if len(args.study) == 1 else args.study
     try:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
@@ -40,4 +52,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"fundusrt run: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     sys.stdout.write(report.render_text())
+    if args.dicom_out is not None:
+        # After the text report, so that a failure here still leaves the findings on screen.
+        try:
+            written = _write_dicom(report, args.dicom_out, args.pdf)
+        except (MissingDependencyError, ValueError, OSError) as exc:
+            print(f"fundusrt run: error: cannot write DICOM results: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        for path in written:
+            print(f"wrote {path}")
     return 0
+
+
+def _write_dicom(report: Any, out_dir: Path, write_pdf: bool) -> list[Path]:
+    """Write the DICOM results of `report` into `out_dir` (created if missing); returns the written paths."""
+    from fundusrt.node.results import write_results
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--dicom-out {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [result.path for result in write_results(report, out_dir, write_pdf=write_pdf)]
