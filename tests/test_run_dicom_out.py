@@ -61,12 +61,8 @@ def content_items(ds: Any) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fundusrt.export import export_package
-    from fundusrt.models.tiny import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("run_pkg")
-    return Path(export_package(write_tiny_checkpoint(root / "ckpt", family="internvit-shuffle", seed=1), root / "pkg"))
+def package(tiny_package) -> Path:
+    return tiny_package("internvit-shuffle", seed=1)[1]
 
 
 @pytest.mark.slow

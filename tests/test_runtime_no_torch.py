@@ -43,13 +43,8 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fundusrt.export import export_package
-    from fundusrt.models.tiny import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("no_torch")
-    ckpt = write_tiny_checkpoint(root / "ckpt", family="internvit-shuffle", seed=1)
-    return Path(export_package(ckpt, root / "pkg"))
+def package(tiny_package) -> Path:
+    return tiny_package("internvit-shuffle", seed=1)[1]
 
 
 def test_fundusrt_run_without_torch(package: Path, tmp_path: Path) -> None:

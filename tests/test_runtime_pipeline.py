@@ -25,13 +25,8 @@ PARITY_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from fundusrt.export import export_package
-    from fundusrt.models.tiny import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("runtime")
-    ckpt = write_tiny_checkpoint(root / "ckpt", family="siglip-dense", seed=0)
-    return ckpt, Path(export_package(ckpt, root / "pkg"))
+def built(tiny_package) -> tuple[Path, Path]:
+    return tiny_package("siglip-dense", seed=0)
 
 
 @pytest.fixture(scope="module")
