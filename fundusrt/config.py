@@ -262,6 +262,8 @@ class ModelConfig:
             cropped and an `image_newline` embedding ending every row; needs anyres tiling).
         anyres_max_tiles: anyres_unpad only: LLaVA-OneVision "anyres_max_N" (N); the unpadded map is
             bilinearly shrunk when it holds more than ~N tiles of features. 0 = never shrink.
+        default_questions: what `fundusrt run` asks when given no question (written into packages;
+            empty: the runtime's built-in questions).
     """
 
     vision: VisionConfig
@@ -279,6 +281,7 @@ class ModelConfig:
     bos_token: str | None = None
     image_layout: str = "flat"
     anyres_max_tiles: int = 0
+    default_questions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.image_layout not in IMAGE_LAYOUTS:

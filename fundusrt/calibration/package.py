@@ -236,7 +236,7 @@ def calibrate_package(
     fp32 = load_package(source, "ort-cpu", threads=threads)
     if fp32.manifest.precision != "fp32":
         raise CalibrationError(f"{source} is a {fp32.manifest.precision} package; calibrate the fp32 export")
-    prompts = load_prompts(prompts_file, fp32.manifest.default_questions)
+    prompts = load_prompts(prompts_file, fp32.default_questions)
     files = source_files(sources)
     calib, cache, hit = _calibration_set(fp32, files, prompts, settings, Path(cache_dir or default_cache_dir()))
 

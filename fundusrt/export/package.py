@@ -23,10 +23,6 @@ from fundusrt.manifest import (
 from fundusrt.models.loader import CheckpointError, detect_layout, load
 from fundusrt.models.lvlm import LVLM
 
-DEFAULT_QUESTIONS = [
-    "Describe the findings in this fundus photograph.",
-    "What is the diabetic retinopathy grade?",
-]
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16"}
 
 
@@ -126,7 +122,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
             components={name: components[name] for name in COMPONENTS},
             decoder=decoder_spec(model, max_seq_len), preprocessing=tiling, prompt=model.prompt,
             tokenizer=tokenizer_path.name, tokenizer_sha256=sha256_file(tokenizer_path),
-            default_questions=list(DEFAULT_QUESTIONS), tool_versions=_tool_versions(),
+            default_questions=list(config.default_questions), tool_versions=_tool_versions(),
             source={"layout": layout, "checkpoint": checkpoint.resolve().name}, extra=extra,
         )
         manifest.save(staging)

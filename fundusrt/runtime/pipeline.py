@@ -84,6 +84,11 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.manifest_sha256 = manifest_sha256
 
+    @property
+    def default_questions(self) -> list[str]:
+        """What is asked when the caller names no question: the package's list, else DEFAULT_QUESTIONS."""
+        return list(self.manifest.default_questions or DEFAULT_QUESTIONS)
+
     def package_info(self) -> dict[str, object]:
         """Identity of the package and backend, as written into reports."""
         m = self.manifest
@@ -148,7 +153,7 @@ class Pipeline:
         """
         start = time.perf_counter()
         study = source if isinstance(source, Study) else read_study(source)
-        questions = list(questions or self.manifest.default_questions or DEFAULT_QUESTIONS)
+        questions = list(questions or self.default_questions)
         errors = [FileError(str(f.file), f.status, f.reason) for f in study.errors()]
         if not study.images:
             detail = "; ".join(f"{e.file}: {e.status}: {e.reason}" for e in errors) or "no files were found"

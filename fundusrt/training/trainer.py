@@ -1,0 +1,326 @@
+"""The training loop: seeded, resumable, gradient accumulation, cosine schedule with warm-up, progress
+lines and a JSONL metrics log; ends by writing the adapter (LoRA) and a merged native checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fundusrt.manifest import atomic_write_bytes, atomic_write_text
+from fundusrt.models import load
+from fundusrt.models.layouts import native
+from fundusrt.models.lvlm import LVLM
+from fundusrt.training.adapters import (
+    merge_adapters,
+    save_adapter,
+    set_trainable,
+    trainable_state,
+)
+from fundusrt.training.config import TrainConfig
+from fundusrt.training.records import DataIssue, Record, read_records
+from fundusrt.training.samples import (
+    IGNORE_INDEX,
+    Batch,
+    Sample,
+    apply_bad_sample_policy,
+    collate,
+    prepare_samples,
+)
+from fundusrt.training.warmup import warm_up_vision
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+BAD_SAMPLES = "bad_samples.jsonl"
+# Keys that may change between a run and its resumption; anything else must match.
+RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "resume", "threads")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    merged_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    final_loss: float
+    model: LVLM = field(repr=False)
+
+
+def build_model(config: TrainConfig) -> LVLM:
+    """The model to train: the base checkpoint, or a fresh seeded model from `init_model`.
+
+    A fresh model gets its own byte-level BPE tokenizer, trained on the built-in ophthalmic corpus
+    plus the chat template and the training conversations when `tokenizer_from_data` is set.
+    """
+    if config.base is not None:
+        return load(config.base)
+    from fundusrt.models.chat import CHAT_TEMPLATES
+    from fundusrt.models.tokenizer import OPHTHALMIC_CORPUS
+    from fundusrt.training.tokenizer import train_tokenizer
+
+    corpus = OPHTHALMIC_CORPUS.splitlines()
+    if config.tokenizer_from_data:
+        template = config.model_config(config.tokenizer_vocab_size)
+        corpus += [part.format(system=template.system_message, content="") for part in
+                   CHAT_TEMPLATES[template.chat_template]] * 50
+        corpus += [text for file in config.data.train for record in read_records(file, config.data.image_root)
+                   if isinstance(record, Record) for turn in record.turns for text in turn]
+    tokenizer = train_tokenizer(corpus, config.tokenizer_vocab_size)
+    torch.manual_seed(config.seed)
+    return LVLM(config.model_config(tokenizer.get_vocab_size()), tokenizer)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from 1 to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lm_loss(model: LVLM, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (assistant) tokens of `batch`."""
+    ids = batch.input_ids.to(device)
+    pixels = None if batch.pixel_values is None else batch.pixel_values.to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        embeds = model.prompt_embeds(ids, pixels)
+        logits = model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
+                                      use_cache=False).logits
+    targets = batch.labels.to(device)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def _device_and_precision(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not cuda:
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use device 'auto' or 'cpu'")
+    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _fingerprint(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+
+
+class Trainer:
+    """One training run of `config`; `run()` trains (resuming if it can) and writes the outputs."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device, self.autocast_dtype = _device_and_precision(config)
+        self.model = build_model(config)
+        self.targets = set_trainable(self.model, config)
+        if config.grad_checkpointing:
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            self.model.language_model.gradient_checkpointing_enable(**kwargs)
+            self.model.vision.gradient_checkpointing_enable(**kwargs)
+        self.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
+        self.pad_id = self.model.prompt.pad_token_id if self.model.prompt.pad_token_id is not None else 0
+
+    # data ------------------------------------------------------------------------------------------------
+    def prepare(self, files: list[str], bad_log: Path) -> list[Sample]:
+        """Usable samples of `files` under the bad-sample policy; each bad one is logged and appended to `bad_log`."""
+        data = self.config.data
+        cache = Path(data.cache_dir) if data.cache_dir else self.out / "cache"
+        issues: list[DataIssue] = []
+
+        def report(issue: DataIssue) -> None:
+            self.log(f"bad sample, skipped: {issue}")
+            with open(bad_log, "a") as f:
+                f.write(json.dumps({"file": issue.file, "line": issue.line, "reason": issue.reason}) + "\n")
+
+        samples, issues = prepare_samples(files, self.model.prompt, self.model.tokenizer, self.model.config.tiling,
+                                          max_seq_len=data.max_seq_len, cache_dir=cache,
+                                          image_root=data.image_root, on_issue=report)
+        apply_bad_sample_policy(samples, issues, data.on_bad_sample, data.max_bad_fraction)
+        return samples
+
+    def load_batch(self, samples: list[Sample], indices: np.ndarray) -> Batch | None:
+        """Collate the samples at `indices`, skipping (and reporting) any whose tiles cannot be read."""
+        items = []
+        for i in indices:
+            sample = samples[int(i)]
+            try:
+                items.append((sample, sample.pixel_values()))
+            except (OSError, ValueError) as exc:
+                self.log(f"bad sample, skipped at train time: {sample.where}: {exc}")
+        return collate(items, self.pad_id) if items else None
+
+    # checkpoints -----------------------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        root = self.out / CHECKPOINTS
+        return sorted(root.glob("step-*[0-9]")) if root.is_dir() else []
+
+    def _save_checkpoint(self, step: int, loss: float) -> None:
+        from safetensors.torch import save
+
+        root = self.out / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+        weights = trainable_state(self.model)
+        if self.config.vision_warmup_steps:  # warmed-up (possibly frozen) vision weights are part of the run's state
+            weights |= {name: p.detach().contiguous() for name, p in self.model.named_parameters()
+                        if name.startswith(("vision.", "connector."))}
+        atomic_write_bytes(staging / "trainable.safetensors", save(weights))
+        buffer = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, buffer)
+        atomic_write_bytes(staging / "state.pt", buffer.getvalue())
+        atomic_write_text(staging / "trainer_state.json", json.dumps(
+            {"step": step, "loss": loss, "config": _fingerprint(self.config)}, indent=1) + "\n")
+        final = root / f"step-{step:08d}"
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        for old in self._checkpoints()[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    def _resume(self) -> int:
+        """Restore the newest checkpoint; returns its step (0 when starting fresh)."""
+        from safetensors.torch import load_file
+
+        found = self._checkpoints() if self.config.resume else []
+        if not found:
+            return 0
+        latest = found[-1]
+        state = json.loads((latest / "trainer_state.json").read_text())
+        if state["config"] != _fingerprint(self.config):
+            raise ValueError(f"{latest} was written by a different configuration; use a new output_dir or set "
+                             "\"resume\": false to start over")
+        weights = load_file(str(latest / "trainable.safetensors"))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        extra = torch.load(latest / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scaler.load_state_dict(extra["scaler"])
+        torch.set_rng_state(extra["torch_rng"])
+        self.log(f"resumed from {latest} (step {state['step']})")
+        return int(state["step"])
+
+    # loop ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_loss(self, samples: list[Sample]) -> float:
+        """Mean loss over `samples` (eval mode, no dropout)."""
+        self.model.eval()
+        bs, losses = self.config.batch_size, []
+        for start in range(0, len(samples), bs):
+            batch = self.load_batch(samples, np.arange(start, min(start + bs, len(samples))))
+            if batch is not None:
+                losses.append(float(lm_loss(self.model, batch, self.device, self.autocast_dtype)))
+        self.model.train()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def run(self) -> TrainResult:
+        """Train to the configured number of steps and write adapter/ (LoRA) and merged/."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        train = self.prepare(cfg.data.train, self.out / BAD_SAMPLES)
+        held_out = self.prepare(cfg.data.eval, self.out / BAD_SAMPLES) if cfg.data.eval else []
+        micro_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        self.log(f"{len(train)} training samples, {len(held_out)} held out; {total} steps "
+                 f"({steps_per_epoch} per epoch) on {self.device}, {sum(p.numel() for p in self.params):,} "
+                 "trainable parameters")
+        start_step = self._resume()
+        if cfg.vision_warmup_steps and start_step == 0:
+            warm_up_vision(self.model, train, steps=cfg.vision_warmup_steps, batch_size=max(cfg.batch_size, 32),
+                           lr=cfg.lr, seed=cfg.seed, device=self.device, log=self.log)
+        order: dict[int, np.ndarray] = {}
+        self.model.train()
+        loss_value, started, tokens, done = float("nan"), time.perf_counter(), 0, 0
+        metrics = open(self.out / METRICS, "a")  # noqa: SIM115 (closed in finally; appended line by line)
+        try:
+            for step in range(start_step, total):
+                lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                step_losses = []
+                for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+                    epoch, index = divmod(micro, micro_per_epoch)
+                    if epoch not in order:
+                        order = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(len(train))}
+                    batch = self.load_batch(train, order[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size])
+                    if batch is None:
+                        continue
+                    loss = lm_loss(self.model, batch, self.device, self.autocast_dtype)
+                    self.scaler.scale(loss / cfg.grad_accum).backward()
+                    step_losses.append(float(loss.detach()))
+                    tokens += batch.num_tokens
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                             if cfg.max_grad_norm > 0 else 0.0)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                done += 1
+                loss_value = float(np.mean(step_losses)) if step_losses else float("nan")
+                last = step + 1 == total
+                if (step + 1) % cfg.log_every == 0 or last:
+                    elapsed = time.perf_counter() - started
+                    record = {"step": step + 1, "epoch": (step * cfg.grad_accum) // micro_per_epoch, "loss": loss_value,
+                              "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed,
+                              "eta_s": elapsed / done * (total - step - 1)}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    self.log(f"step {step + 1}/{total}  epoch {record['epoch']}  loss {loss_value:.4f}  "
+                             f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
+                             f"ETA {time.strftime('%H:%M:%S', time.gmtime(record['eta_s']))}")
+                epoch_end = (step + 1) % steps_per_epoch == 0
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or epoch_end or last:
+                    self._save_checkpoint(step + 1, loss_value)
+                if held_out and (epoch_end or last):
+                    eval_loss = self.evaluate_loss(held_out)
+                    metrics.write(json.dumps({"step": step + 1, "eval_loss": eval_loss}) + "\n")
+                    metrics.flush()
+                    self.log(f"step {step + 1}: held-out loss {eval_loss:.4f}")
+        finally:
+            metrics.close()
+        return self._finish(total, loss_value)
+
+    def _finish(self, steps: int, loss: float) -> TrainResult:
+        adapter_dir = None
+        if self.targets:
+            adapter_dir = save_adapter(self.model, self.out / "adapter", self.targets, self.config.lora,
+                                       str(self.config.base))
+        merged = merge_adapters(self.model.to("cpu"))
+        merged_dir = native.save(merged, self.out / "merged")
+        self.log(f"wrote {merged_dir}" + (f" and {adapter_dir}" if adapter_dir else ""))
+        return TrainResult(self.out, merged_dir, adapter_dir, steps, loss, merged)
+
+
+def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run `config` (see TrainConfig); resumes from output_dir's newest checkpoint when allowed."""
+    return Trainer(config, log).run()
