@@ -62,5 +62,8 @@ def main(args: argparse.Namespace) -> int:
     print(report.render_text(), end="")
     print("\nGround truth (what the synthetic study was drawn with):")
     print("\n".join(_truth_lines(json.loads(truth.ground_truth_path.read_text()))))
-    print(f"\nJSON report: {out / 'findings.json'}")
+    if args.checkpoint == DEMO_CHECKPOINT:
+        print("\nNote: the demo model reads laterality and cup size reliably; its DR and AMD answers are at the "
+              "answer priors (held-out figures in models/demo/README.md).")
+    print(f"JSON report: {out / 'findings.json'}")
     return 0
