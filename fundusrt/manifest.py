@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,21 @@ class Manifest:
         if problems:
             raise PackageError(f"package {root} failed its integrity check: " + "; ".join(problems)
                                + ". Re-export or re-copy the package.")
+
+
+def publish_package(staging: Path, out: Path) -> Path:
+    """Move a fully written package from its staging folder to `out` (replacing what was there).
+
+    mkdtemp/mkstemp create owner-only modes; a package is a shared, read-only artifact, so the folder
+    and its files get ordinary permissions first.
+    """
+    staging.chmod(0o755)
+    for file in staging.iterdir():
+        file.chmod(0o644)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

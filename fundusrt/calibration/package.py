@@ -32,7 +32,7 @@ from fundusrt.calibration.dataset import (
 from fundusrt.calibration.gate import GateReport, GateThresholds, evaluate_gate
 from fundusrt.calibration.quantize import QuantOptions, quantize_qdq, quantize_weight_only
 from fundusrt.calibration.record import record_calibration_set
-from fundusrt.manifest import Manifest, sha256_file
+from fundusrt.manifest import Manifest, publish_package, sha256_file
 from fundusrt.runtime.pipeline import Pipeline, load_package
 
 QUANTIZATION_KEY = "quantization"
@@ -264,13 +264,7 @@ def calibrate_package(
         manifest.save(staging)
         if not report.passed and not force:
             raise GateFailedError(report)
-        # mkdtemp creates owner-only modes; a package is a shared, read-only artifact.
-        staging.chmod(0o755)
-        for file in staging.iterdir():
-            file.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish_package(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -18,6 +18,7 @@ from fundusrt.manifest import (
     TensorSpec,
     atomic_write_bytes,
     atomic_write_text,
+    publish_package,
     sha256_file,
 )
 from fundusrt.models.loader import CheckpointError, detect_layout, load
@@ -127,13 +128,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         )
         manifest.save(staging)
         Manifest.load(staging).verify(staging)
-        # mkdtemp/mkstemp create owner-only modes; a package is a shared, read-only artifact.
-        staging.chmod(0o755)
-        for file in staging.iterdir():
-            file.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish_package(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
