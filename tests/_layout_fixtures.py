@@ -291,3 +291,13 @@ def assert_same_tokens(ours: list[int], theirs: list[int], stops: set[int], min_
     assert len(ours) == len(theirs) or theirs[len(ours)] in stops, f"stopped early without a stop token: {ours}"
     assert len(ours) >= min_compared, f"only {len(ours)} tokens compared: {ours}"
     assert len(set(theirs)) > 4, f"degenerate reference output {theirs}"
+
+
+def hf_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int, **image_kwargs: object) -> list[int]:
+    """Exactly `new_tokens` greedy tokens from transformers' own generate() (no early stop), prompt excluded."""
+    tensor = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                             pad_token_id=0, **image_kwargs)
+    return out[0, len(ids):].tolist()

@@ -20,6 +20,8 @@ from _layout_fixtures import (  # noqa: E402
     PHI3_TINY,
     SIGLIP_TINY,
     assert_same_tokens,
+    fundus_like,
+    hf_greedy,
     write_internvl_chat,
     write_llava_phi3_dense,
 )
@@ -32,22 +34,6 @@ from fundusrt.runtime.pipeline import load_package  # noqa: E402
 
 NEW_TOKENS = 24
 QUESTION = "Is there diabetic retinopathy?"
-
-
-def fundus_like(width: int, height: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width * 220, y / height * 160, (x * y) % 89 * 2.5], axis=-1)
-    return np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
-
-
-def _hf_greedy(hf_model: torch.nn.Module, ids: list[int], **image_kwargs: object) -> list[int]:
-    tensor = torch.tensor([ids])
-    with torch.inference_mode():
-        out = hf_model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None,
-                                pad_token_id=0, **image_kwargs)
-    return out[0, len(ids):].tolist()
 
 
 # -- InternVL 2.5 chat (FundusExpert) -----------------------------------------------------------------
@@ -164,7 +150,7 @@ def test_internvl_chat_matches_transformers_internvl(internvl_chat) -> None:
     if config["llm_config"]["architectures"][0] == "InternLM2ForCausalLM":
         ids = [tokenizer.token_to_id("<s>"), *ids]
     hf_model = hf_internvl(checkpoint, config, tokenizer.token_to_id("<IMG_CONTEXT>"))
-    theirs = _hf_greedy(hf_model, ids, pixel_values=torch.from_numpy(pixels))
+    theirs = hf_greedy(hf_model, ids, NEW_TOKENS, pixel_values=torch.from_numpy(pixels))
     assert spec.stop_token_ids == [tokenizer.token_to_id("<|im_end|>")]
     assert_same_tokens(answer.token_ids, theirs, set(spec.stop_token_ids))
 
@@ -322,7 +308,7 @@ def test_hf_internvl_directory_matches_transformers(tmp_path) -> None:
     from fundusrt.prompt import build_input_ids
 
     ids = build_input_ids(ours.prompt, tok, QUESTION, [16 * pixels.shape[0]]).tolist()
-    theirs = _hf_greedy(hf_model, ids, pixel_values=pixels)
+    theirs = hf_greedy(hf_model, ids, NEW_TOKENS, pixel_values=pixels)
     mine = ours.generate(ids, pixels, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     assert mine == theirs
 
@@ -356,7 +342,7 @@ def test_hf_llava_onevision_directory_matches_transformers(tmp_path) -> None:
     from fundusrt.prompt import build_input_ids
 
     ids = build_input_ids(ours.prompt, tok, QUESTION, [count]).tolist()
-    theirs = _hf_greedy(hf_model, ids, pixel_values=pixels[None], image_sizes=torch.tensor([[80, 90]]))
+    theirs = hf_greedy(hf_model, ids, NEW_TOKENS, pixel_values=pixels[None], image_sizes=torch.tensor([[80, 90]]))
     mine = ours.generate(ids, pixels, max_new_tokens=NEW_TOKENS, stop_token_ids=[], image_sizes=[(90, 80)])
     assert mine == theirs
 

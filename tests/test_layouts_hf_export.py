@@ -15,7 +15,13 @@ pytest.importorskip("onnxruntime")
 
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches  # noqa: E402
 
-from _layout_fixtures import assert_same_tokens, fundus_like, write_hf_internvl, write_hf_llava_onevision  # noqa: E402
+from _layout_fixtures import (  # noqa: E402
+    assert_same_tokens,
+    fundus_like,
+    hf_greedy,
+    write_hf_internvl,
+    write_hf_llava_onevision,
+)
 from fundusrt.config import GenerationConfig  # noqa: E402
 from fundusrt.export.package import export_package  # noqa: E402
 from fundusrt.kernels import patchify  # noqa: E402
@@ -25,15 +31,6 @@ from fundusrt.runtime.pipeline import load_package  # noqa: E402
 
 NEW_TOKENS = 20
 QUESTION = "Is there diabetic retinopathy?"
-def _hf_greedy(model: torch.nn.Module, ids: list[int], **image_kwargs: object) -> list[int]:
-    tensor = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None,
-                             pad_token_id=0, **image_kwargs)
-    return out[0, len(ids):].tolist()
-
-
 def _chatml(system: str, user: str) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -66,7 +63,7 @@ def test_hf_internvl_bf16_sharded_package_matches_transformers_generate(hf_inter
     assert pixels.shape[0] == answer.num_tiles == 3, "130x64 (ratio ~2) under max_patches 12: 2x1 grid + thumbnail"
     image_text = "<img>" + "<IMG_CONTEXT>" * (model.config.image_seq_length * pixels.shape[0]) + "</img>"
     ids = tok.encode(_chatml(FUNDUSEXPERT_SYSTEM, f"{image_text}\n{QUESTION}"), add_special_tokens=False).ids
-    theirs = _hf_greedy(model, ids, pixel_values=torch.from_numpy(pixels))
+    theirs = hf_greedy(model, ids, NEW_TOKENS, pixel_values=torch.from_numpy(pixels))
     assert pipe.manifest.prompt.stop_token_ids == [tok.token_to_id("<|im_end|>")]
     assert_same_tokens(answer.token_ids, theirs, set(pipe.manifest.prompt.stop_token_ids))
 
@@ -91,5 +88,5 @@ def test_hf_llava_onevision_sharded_package_matches_transformers_generate(hf_one
     ids = tok.encode(_chatml("You are a helpful assistant.", "<image>" * count + f"\n{QUESTION}"),
                      add_special_tokens=False).ids
     assert int(answer.timings["prompt_tokens"]) == len(ids)
-    theirs = _hf_greedy(model, ids, pixel_values=pixels, image_sizes=image_sizes)
+    theirs = hf_greedy(model, ids, NEW_TOKENS, pixel_values=pixels, image_sizes=image_sizes)
     assert_same_tokens(answer.token_ids, theirs, set(pipe.manifest.prompt.stop_token_ids))
