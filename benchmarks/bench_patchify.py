@@ -1,6 +1,6 @@
 """Decode + patchify of one fundus study image: fundusrt against pydicom + transformers.
 
-Ours:      fundusrt.dicom.read_dicom_file (Pillow JPEG path) -> fundusrt.kernels.patchify
+Ours:      fundusrt.dicom.read_dicom_file (libjpeg-turbo into RGBX) -> fundusrt.kernels.patchify
 Baseline:  pydicom.dcmread(...).pixel_array (pydicom's default decoder) -> transformers' PIL image
            processor (GotOcr2ImageProcessorPil with crop_to_patches for InternVL,
            LlavaOnevisionImageProcessorPil for AnyRes)
@@ -9,7 +9,7 @@ Both sides start from the same DICOM file (a synthetic 4288x2848 fundus photogra
 YBR_FULL_422) and produce the same tiles; the script prints both medians, the speed-up ratio measured
 in this one run, and the largest pixel difference between the two outputs.
 
-Run:  python benchmarks/bench_patchify.py [--policy internvl_dynamic|anyres] [--repeat 5]
+Run:  python benchmarks/bench_patchify.py [--policy internvl_dynamic|anyres] [--repeat 11]
 Needs the [export] extra (transformers) for the baseline; no torch or torchvision is used.
 """
 
@@ -68,15 +68,19 @@ def write_study_image(directory: Path, width: int, height: int) -> Path:
     return path
 
 
-def median_ms(run: Callable[[], np.ndarray], repeat: int) -> tuple[float, np.ndarray]:
-    """Median wall time in ms over `repeat` runs after one warm-up, and the last output."""
-    result = run()
-    times = []
+def interleaved_medians(runs: dict[str, Callable[[], np.ndarray]], repeat: int) -> dict[str, tuple[float, np.ndarray]]:
+    """Median wall time in ms of each run and its last output, after one warm-up each.
+
+    The runs alternate round by round, so a slow spell of a shared machine hits both sides alike.
+    """
+    outputs = {name: run() for name, run in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), result
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: (statistics.median(times[name]), outputs[name]) for name in runs}
 
 
 def main() -> None:
@@ -84,7 +88,7 @@ def main() -> None:
     parser.add_argument("--policy", choices=("internvl_dynamic", "anyres"), default="internvl_dynamic")
     parser.add_argument("--width", type=int, default=4288)
     parser.add_argument("--height", type=int, default=2848)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=11)
     args = parser.parse_args()
 
     import pydicom
@@ -104,8 +108,8 @@ def main() -> None:
         def baseline() -> np.ndarray:
             return processor(pydicom.dcmread(path).pixel_array)
 
-        ours_ms, ours_out = median_ms(ours, args.repeat)
-        base_ms, base_out = median_ms(baseline, args.repeat)
+        measured = interleaved_medians({"ours": ours, "baseline": baseline}, args.repeat)
+        (ours_ms, ours_out), (base_ms, base_out) = measured["ours"], measured["baseline"]
 
     if ours_out.shape != base_out.shape:
         raise SystemExit(f"outputs differ in shape: fundusrt {ours_out.shape}, transformers {base_out.shape}")

@@ -1,9 +1,11 @@
 """CPU patching: an RGB image in, normalised NCHW tiles out, following a TilePlan.
 
 Resampling is Pillow's own BICUBIC on uint8 (what the models were trained with), done once per
-distinct resize target: the whole grid canvas at once, then tiles are slices of it. Normalisation is
-a per-channel 256-entry lookup table written straight into the output array, so each output value
-is touched once.
+distinct resize target: the whole grid canvas at once, then tiles are slices of it. Each target is one
+Pillow call (Pillow picks the order of its two passes by image shape, and the uint8 between them makes
+the order visible, so a target is never split); distinct targets resize concurrently. Pixels decoded
+as RGBX (the JPEG path of fundusrt.dicom) reach Pillow without a copy. Normalisation is a per-channel
+256-entry lookup table written straight into the output array, so each output value is touched once.
 """
 
 from __future__ import annotations
@@ -86,13 +88,12 @@ def patchify(
     if roi is not None:
         x0, y0, x1, y1 = roi
         image = image[y0:y1, x0:x1]
-    source = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
-
     lut = normalisation_lut(cfg.mean, cfg.std, out_dtype)
     size = plan.tile_size
     out = np.empty((plan.num_tiles, 3, size, size), dtype=out_dtype)
     # largest target first so the longest resize starts first
     targets = sorted({tile.resize_to for tile in plan.tiles}, key=lambda wh: wh[0] * wh[1], reverse=True)
+    source = _as_pillow(image)
     workers = min(len(targets), os.cpu_count() or 1)
     if workers == 1:
         resized = {target: _resize(source, target) for target in targets}
@@ -106,6 +107,21 @@ def patchify(
         for index, tile in enumerate(plan.tiles):
             _write_tile(out[index], pending[tile.resize_to].result(), tile, lut, plan.pad_value)
     return Patches(pixel_values=out, plan=plan)
+
+
+def _as_pillow(image: np.ndarray) -> Image.Image:
+    """A Pillow image of `image`: sharing its memory when the pixels are the RGB view of an RGBX buffer."""
+    base = image.base
+    if (isinstance(base, np.ndarray) and base.dtype == np.uint8 and base.ndim == 3 and base.shape[2] == 4
+            and base.flags.c_contiguous and image.strides == (base.strides[0], 4, 1)):
+        offset = image.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+        height, width = image.shape[:2]
+        # Pillow maps whole strides, so a crop needs bytes past its last row's end (the JPEG decoder
+        # leaves a spare row for that)
+        if offset + base.strides[0] * height <= base.nbytes:
+            return Image.frombuffer("RGBX", (width, height), base.reshape(-1)[offset:], "raw", "RGBX",
+                                    base.strides[0], 1)
+    return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
 
 
 def _resize(source: Image.Image, size: tuple[int, int]) -> np.ndarray:
