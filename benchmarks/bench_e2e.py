@@ -155,6 +155,7 @@ def main() -> int:
 
     import torch
 
+    from fundusrt.bench.machine import cpu_summary
     from fundusrt.export import export_package
     from fundusrt.models.layouts import native
     from fundusrt.models.lvlm import LVLM
@@ -175,6 +176,7 @@ def main() -> int:
     results = {"transformers eager": _run_worker("torch", checkpoint, args),
                "fundusrt ORT": _run_worker("ort", package, args)}
     torch_r, ort_r = results["transformers eager"], results["fundusrt ORT"]
+    print(f"CPU: {cpu_summary()}")
     print(f"\nFundusExpert-mini shape, 1 tile at 448 px, prompt {torch_r['prompt_len']} tokens, "
           f"{args.new_tokens} new tokens, {args.threads} threads, vocab {args.vocab_size}")
     print(f"{'':20s}{'vision ms':>12s}{'prefill ms':>12s}{'decode tok/s':>14s}{'e2e ms':>12s}{'peak RSS MiB':>14s}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fundusrt.bench.machine import cpu_summary
 from fundusrt.config import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TilingConfig
 from fundusrt.kernels import patchify
 
@@ -115,6 +116,7 @@ def main() -> None:
         raise SystemExit(f"outputs differ in shape: fundusrt {ours_out.shape}, transformers {base_out.shape}")
     std = np.asarray(cfg.std)[None, :, None, None]
     diff = float(np.abs((ours_out.astype(np.float64) - base_out) * std).max()) * 255
+    print(f"CPU: {cpu_summary()}")
     print(f"image {args.width}x{args.height} JPEG Baseline, policy {args.policy}, {ours_out.shape[0]} tiles, median of {args.repeat}")
     print(f"fundusrt  decode+patchify          {ours_ms:8.1f} ms")
     print(f"baseline  pydicom+transformers PIL {base_ms:8.1f} ms")

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("peft")
 pytest.importorskip("onnxscript")
 
 from fundusrt.config import SIGLIP_MEAN, SIGLIP_STD, GenerationConfig, TilingConfig
 from fundusrt.export import export_package
-from fundusrt.kernels import patchify
+from fundusrt.kernels import patchify, plan_image
 from fundusrt.models import load
 from fundusrt.models.layouts import native
 from fundusrt.models.tiny import build_tiny_model, tiny_config
@@ -41,7 +42,13 @@ from fundusrt.training.samples import (
     prepare_samples,
 )
 from fundusrt.training.trainer import Trainer, train
-from fundusrt.training.warmup import closed_questions, warm_up_vision
+from fundusrt.training.warmup import (
+    closed_questions,
+    grounding_questions,
+    parse_boxes,
+    token_targets,
+    warm_up_vision,
+)
 
 TYPES = ("laterality", "referable_dr")
 
@@ -336,3 +343,57 @@ def test_vision_warm_up_teaches_the_tower_what_only_the_pixels_show(work, tmp_pa
     assert any(not torch.equal(v, model.vision.state_dict()[k]) for k, v in vision_before.items())
     # frozen again for the main loop
     assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+@pytest.mark.parametrize("policy,roi_crop", [("single", True), ("internvl_dynamic", False), ("internvl_dynamic", True)])
+def test_grounding_boxes_mark_the_tokens_patchify_puts_them_in(policy: str, roi_crop: bool) -> None:
+    """token_targets against the real patching: paint the box, patchify, see which token cells changed."""
+    image, _ = draw_fundus(random_case(21, 900, 600))
+    cfg = TilingConfig(policy=policy, tile_size=112, max_tiles=6, mean=(0.0,) * 3, std=(1.0,) * 3, roi_crop=roi_crop)
+    grid = 7  # 16 px cells of a 112 px tile
+    width, height = 900, 600
+    for box in [(400, 300, 430, 340), (600, 300, 602, 304), (450, 420, 560, 600)]:  # inside the retina
+        x0, y0 = int(box[0] / 999 * width), int(box[1] / 999 * height)
+        x1, y1 = int(box[2] / 999 * width) + 1, int(box[3] / 999 * height) + 1
+        painted = image.copy()
+        painted[y0:y1, x0:x1] = (255, 0, 255)
+        plan = plan_image(image, cfg)
+        assert plan_image(painted, cfg) == plan, "painting moved the ROI"
+        change = np.abs(patchify(painted, cfg).pixel_values - patchify(image, cfg).pixel_values).max(axis=1)
+        cells = change.reshape(plan.num_tiles, grid, 16, grid, 16).max(axis=(2, 4)).reshape(-1)
+        marked = token_targets(plan, (width, height), [box], grid) == 1
+        assert marked[cells > 0.5].all(), f"{box}: a cell the box clearly covers is not marked"
+        assert (cells[marked] > 0.01).all(), f"{box}: a marked cell the box does not touch"
+
+
+def test_parse_boxes_reads_internvl_grounding() -> None:
+    assert parse_boxes("<ref>drusen</ref><box>[[1,2,3,4], [10, 20, 30, 40]]</box>") == [(1, 2, 3, 4), (10, 20, 30, 40)]
+    assert parse_boxes("None.") == []
+
+
+def _spot_samples(root: Path, count: int) -> list[Sample]:
+    """56 px images with one bright spot; the only supervision is a grounding answer giving its box."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(count):
+        image = np.full((56, 56, 3), 40, np.uint8)
+        x, y = (int(v) for v in rng.integers(0, 48, 2))
+        image[y:y + 8, x:x + 8] = 230
+        source = root / f"spot-{i}.png"
+        Image.fromarray(image).save(source)
+        tiles = root / f"spot-{i}.npy"
+        np.save(tiles, ((image.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None])
+        box = [round(v * 1000 / 56) for v in (x, y, x + 7, y + 7)]
+        answer = f"<ref>spot</ref><box>[[{box[0]},{box[1]},{box[2]},{box[3]}]]</box>"
+        samples.append(Sample(f"g{i}", [tiles], np.zeros(1, np.int64), np.zeros(1, np.int64),
+                              (("<image>\nLocate the spot.", answer),), (source,)))
+    return samples
+
+
+def test_vision_warm_up_learns_where_grounding_boxes_are(work, tmp_path: Path) -> None:
+    samples = _spot_samples(tmp_path, 48)
+    assert grounding_questions(samples) == ["Locate the spot."] and closed_questions(samples) == {}
+    model = load(work["base"])
+    recall = warm_up_vision(model, samples, steps=60, batch_size=16, lr=3e-3, seed=0,
+                            device=torch.device("cpu"), log=lambda line: None)
+    assert recall["Locate the spot."] >= 0.9, recall

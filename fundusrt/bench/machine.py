@@ -47,6 +47,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the vector extensions that decide which GEMM kernels torch (oneDNN) and ONNX Runtime (MLAS) run
+_SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def cpu_summary() -> str:
+    """CPU model, usable cores and vector extensions in one line, e.g. for printing beside timings."""
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    simd = ", ".join(f for f in _SIMD_FLAGS if f in flags) or "unknown"
+    return f"{_cpu_model()}, {cores} usable cores, SIMD: {simd}"
+
+
 def gpus() -> list[dict[str, str]]:
     """GPUs nvidia-smi lists (name, total memory MiB, driver); empty without an NVIDIA driver."""
     if shutil.which("nvidia-smi") is None:
@@ -64,7 +82,7 @@ def hardware() -> dict[str, Any]:
     """CPU model and counts, host memory, OS, GPUs."""
     import psutil
 
-    return {"cpu": _cpu_model(), "logical_cores": psutil.cpu_count(logical=True),
+    return {"cpu": _cpu_model(), "cpu_summary": cpu_summary(), "logical_cores": psutil.cpu_count(logical=True),
             "physical_cores": psutil.cpu_count(logical=False), "usable_cores": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),

@@ -3,7 +3,7 @@
 The CUDA path (`fundusrt.kernels.cuda_patchify`) executes the same TilePlan and is imported on demand.
 """
 
-from fundusrt.kernels.patchify import Patches, patchify
+from fundusrt.kernels.patchify import Patches, patchify, plan_image
 from fundusrt.kernels.roi import find_fundus_roi
 from fundusrt.kernels.tiling import (
     TilePlan,
@@ -21,5 +21,6 @@ __all__ = [
     "find_fundus_roi",
     "internvl_grid",
     "patchify",
+    "plan_image",
     "plan_tiles",
 ]

@@ -82,11 +82,9 @@ def patchify(
     out_dtype = np.dtype(dtype)
     if out_dtype not in _DTYPES:
         raise ValueError(f"dtype must be float32 or float16, got {out_dtype}")
-    height, width = image.shape[:2]
-    roi = find_fundus_roi(image) if cfg.roi_crop else None
-    plan = plan_tiles(width, height, cfg, roi=roi)
-    if roi is not None:
-        x0, y0, x1, y1 = roi
+    plan = plan_image(image, cfg)
+    if plan.roi is not None:
+        x0, y0, x1, y1 = plan.roi
         image = image[y0:y1, x0:x1]
     lut = normalisation_lut(cfg.mean, cfg.std, out_dtype)
     size = plan.tile_size
@@ -107,6 +105,12 @@ def patchify(
         for index, tile in enumerate(plan.tiles):
             _write_tile(out[index], pending[tile.resize_to].result(), tile, lut, plan.pad_value)
     return Patches(pixel_values=out, plan=plan)
+
+
+def plan_image(image: np.ndarray, cfg: TilingConfig) -> TilePlan:
+    """The TilePlan patchify follows for `image`: the fundus ROI (when cfg.roi_crop) and the tiling of it."""
+    height, width = check_image(image).shape[:2]
+    return plan_tiles(width, height, cfg, roi=find_fundus_roi(image) if cfg.roi_crop else None)
 
 
 def _as_pillow(image: np.ndarray) -> Image.Image:

@@ -122,6 +122,7 @@ class Sample:
     input_ids: np.ndarray
     labels: np.ndarray
     turns: tuple[tuple[str, str], ...] = ()
+    image_files: tuple[Path, ...] = ()  # the source images of tile_files, in the same order
 
     def pixel_values(self) -> np.ndarray:
         """(total tiles, 3, S, S) of all the sample's images, in order."""
@@ -149,7 +150,8 @@ def prepare_record(record: Record, spec: PromptSpec, tokenizer: TokenizerLike, t
     if len(encoded.input_ids) > max_seq_len:
         return issue(f"the sequence is {len(encoded.input_ids)} tokens, over the context length {max_seq_len} "
                      f"({sum(counts)} image tokens); shorten the conversation or raise data.max_seq_len")
-    return Sample(record.where, tile_files, encoded.input_ids, encoded.labels, tuple(record.turns))
+    return Sample(record.where, tile_files, encoded.input_ids, encoded.labels, tuple(record.turns),
+                  tuple(record.images))
 
 
 def prepare_samples(
