@@ -397,3 +397,15 @@ def test_vision_warm_up_learns_where_grounding_boxes_are(work, tmp_path: Path) -
     recall = warm_up_vision(model, samples, steps=60, batch_size=16, lr=3e-3, seed=0,
                             device=torch.device("cpu"), log=lambda line: None)
     assert recall["Locate the spot."] >= 0.9, recall
+
+
+def test_closed_question_coverage_counts_images_not_samples(tmp_path: Path) -> None:
+    """One question per record, six kinds: each closed question covers every image but 1/6 of the samples."""
+    samples = []
+    for i in range(10):
+        tiles = [tmp_path / f"img-{i}.npy"]
+        for kind in range(6):
+            answer = ("Yes", "No")[(i + kind) % 2]
+            samples.append(Sample(f"q{i}-{kind}", tiles, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                                  ((f"<image>\nQuestion {kind}?", answer),)))
+    assert sorted(closed_questions(samples)) == [f"Question {kind}?" for kind in range(6)]

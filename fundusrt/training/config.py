@@ -92,7 +92,8 @@ class TrainConfig:
         vision_blocks: with method "lora": how many of the last vision blocks to train.
         vision_mode: how those blocks train: "full" or "lora".
         vision_warmup_steps: steps training the vision tower and connector on the data's closed questions
-            before the main loop (see fundusrt.training.warmup); for towers trained from scratch.
+            and grounding boxes before the main loop (see fundusrt.training.warmup); for towers trained
+            from scratch.
         freeze_vision: keep the vision tower and connector frozen in the main loop (after a warm-up, so
             the decoder learns to read features that stay put).
         lr, weight_decay, max_grad_norm: AdamW settings and gradient clipping (0 disables clipping).

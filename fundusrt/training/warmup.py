@@ -34,7 +34,7 @@ from fundusrt.training.samples import Sample, load_image
 
 # a question whose answers take at most this many values is a classification target
 MAX_ANSWERS = 8
-# and it must be asked in at least this fraction of the samples
+# and it must be asked of at least this fraction of the images
 MIN_COVERAGE = 0.2
 # a grounding question is asked of few images (often one target per image), so a count suffices
 MIN_GROUNDING_SAMPLES = 8
@@ -59,13 +59,19 @@ class _AttentionProbe(nn.Module):
 
 
 def closed_questions(samples: Sequence[Sample]) -> dict[str, list[str]]:
-    """Questions (without image placeholders) asked often enough, with their few sorted answers."""
+    """Questions (without image placeholders) asked of enough images, with their few sorted answers."""
     answers: dict[str, Counter[str]] = {}
-    for sample in samples:
+    asked: dict[str, set[object]] = {}
+    images: set[object] = set()
+    for index, sample in enumerate(samples):
+        # coverage counts images, not samples: data asking one question per sample repeats each image
+        image = tuple(sample.tile_files) or index
+        images.add(image)
         for question, answer in sample.turns:
             answers.setdefault(_plain(question), Counter())[answer.strip()] += 1
+            asked.setdefault(_plain(question), set()).add(image)
     return {q: sorted(c) for q, c in answers.items()
-            if 2 <= len(c) <= MAX_ANSWERS and sum(c.values()) >= MIN_COVERAGE * len(samples)}
+            if 2 <= len(c) <= MAX_ANSWERS and len(asked[q]) >= MIN_COVERAGE * len(images)}
 
 
 def grounding_questions(samples: Sequence[Sample]) -> list[str]:
@@ -153,7 +159,7 @@ def warm_up_vision(model: LVLM, samples: Sequence[Sample], *, steps: int, batch_
     grounded = grounding_questions(samples)
     if not questions and not grounded:
         raise ValueError("vision warm-up found no closed question (one with 2..8 distinct answers asked in at "
-                         f"least {MIN_COVERAGE:.0%} of the samples) and no grounding question; set "
+                         f"least {MIN_COVERAGE:.0%} of the images) and no grounding question; set "
                          "vision_warmup_steps to 0")
     # one target row per image: the answers of all samples showing it (data often asks one question per sample)
     images: dict[Path, dict[str, str]] = {}
