@@ -146,6 +146,23 @@ def test_rgb_jpeg_without_markers_is_read_raw(tmp_path):
     assert psnr(images[0].pixels, source) > 33
 
 
+def test_grey_jpeg_frame_decodes_like_pillow(tmp_path):
+    """A one-component JPEG Baseline frame (red-free) takes the libjpeg-turbo path to three equal channels."""
+    from PIL import Image
+
+    grey = small_picture(64, 48, seed=6)[..., 1]
+    buffer = BytesIO()
+    Image.fromarray(grey).save(buffer, format="JPEG", quality=90)
+    path = _jpeg_file(tmp_path, buffer.getvalue(), "MONOCHROME2", "grey.dcm")
+    ds = _load(path)
+    ds.SamplesPerPixel = 1
+    ds.save_as(path)
+    images, result = read_dicom_file(path)
+    assert result.status == "ok", result.reason
+    expected = np.asarray(Image.open(BytesIO(buffer.getvalue())))
+    np.testing.assert_array_equal(images[0].pixels, np.dstack([expected] * 3))
+
+
 def test_sixteen_bit_and_monochrome1_scaling(tmp_path):
     ds = _load(write_combination(tmp_path, small_picture(), "op-redfree", "explicit-le"))
     values = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 3) % 4096
