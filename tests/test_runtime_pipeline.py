@@ -133,6 +133,17 @@ def test_streaming_and_stop_strings(pipe: Pipeline) -> None:
     assert sampled[0].token_ids == sampled[1].token_ids
 
 
+def test_decode_steps_count_the_step_that_produced_the_stop_token(pipe: Pipeline) -> None:
+    image = _image(4)
+    full = pipe.ask(image, QUESTION, GenerationConfig(max_new_tokens=12))
+    assert full.finish_reason == "length" and full.timings["decode_steps"] == len(full.token_ids) - 1
+    k = full.token_ids.index(full.token_ids[5])  # where that token first appears
+    cut = pipe.ask(image, QUESTION, GenerationConfig(max_new_tokens=12, stop_token_ids=[full.token_ids[5]]))
+    assert cut.finish_reason == "stop_token" and cut.token_ids == full.token_ids[:k]
+    # one token from prefill, k - 1 decoded into the answer, one decoded stop token
+    assert cut.timings["decode_steps"] == k
+
+
 def test_run_study_report(pipe: Pipeline, tmp_path: Path) -> None:
     from fundusrt.dicom import read_study
     from fundusrt.synth import write_study

@@ -114,10 +114,12 @@ class TransformersBaseline:
         token_times = clock.calls[1:]
         first_ms = (token_times[0] - start) * 1000.0 if token_times else (end - start) * 1000.0
         decode_ms = (end - token_times[0]) * 1000.0 if token_times else 0.0
-        steps = len(token_ids) - 1
-        text = model.tokenizer.decode([t for t in token_ids if t not in stops])
+        steps = len(token_ids) - 1  # decoder steps after the first token, as the runtime counts them
         reason = "stop_token" if token_ids and token_ids[-1] in stops else "length"
-        return Answer(text=text, token_ids=token_ids, num_tiles=num_tiles, finish_reason=reason, timings={
+        # the answer's tokens, as the runtime reports them: without the stop token
+        answer_ids = token_ids[:-1] if reason == "stop_token" else token_ids
+        text = model.tokenizer.decode([t for t in answer_ids if t not in stops])
+        return Answer(text=text, token_ids=answer_ids, num_tiles=num_tiles, finish_reason=reason, timings={
             **timings, "shared_prefill_ms": 0.0, "prefill_ms": first_ms, "decode_ms": decode_ms,
-            "prompt_tokens": float(len(ids)),
+            "prompt_tokens": float(len(ids)), "decode_steps": float(max(steps, 0)),
             "tokens_per_s": steps / (decode_ms / 1000.0) if steps > 0 and decode_ms > 0 else 0.0})

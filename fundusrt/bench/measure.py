@@ -73,7 +73,7 @@ class Run:
 def _answer_stages(answers: Sequence[Answer]) -> dict[str, float]:
     first = answers[0].timings
     decode_ms = sum(a.timings["decode_ms"] for a in answers)
-    steps = sum(max(len(a.token_ids) - 1, 0) for a in answers)
+    steps = sum(a.timings["decode_steps"] for a in answers)
     return {"patchify_ms": first["patchify_ms"], "vision_ms": first["vision_ms"],
             "connector_ms": first["connector_ms"],
             "ttft_ms": first.get("shared_prefill_ms", 0.0) + first["prefill_ms"],

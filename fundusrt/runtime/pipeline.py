@@ -241,10 +241,12 @@ class Pipeline:
         decode_ms = total_ms - first_ms
         text = stream.finish()
         reason = "stop_string" if stream.stopped else "length" if len(token_ids) == max_new else "stop_token"
-        # prefill_ms is the time to the first token; decoding speed counts the tokens after it.
-        steps = len(token_ids) - 1
+        # prefill_ms is the time to the first token; decoding speed counts the decoder steps after it,
+        # the one that produced the stop token included (that token is not part of the answer)
+        steps = max(len(token_ids) - 1 + (reason == "stop_token"), 0)
         return Answer(text=text, token_ids=token_ids, num_tiles=num_tiles, finish_reason=reason, timings={
             "prefill_ms": first_ms, "decode_ms": decode_ms, "prompt_tokens": float(len(ids)),
+            "decode_steps": float(steps),
             "tokens_per_s": steps / (decode_ms / 1000.0) if steps > 0 and decode_ms > 0 else 0.0,
         })
 
