@@ -409,3 +409,15 @@ def test_closed_question_coverage_counts_images_not_samples(tmp_path: Path) -> N
             samples.append(Sample(f"q{i}-{kind}", tiles, np.zeros(1, np.int64), np.zeros(1, np.int64),
                                   ((f"<image>\nQuestion {kind}?", answer),)))
     assert sorted(closed_questions(samples)) == [f"Question {kind}?" for kind in range(6)]
+
+
+def test_vision_warm_up_refuses_images_with_different_tile_counts(work, tmp_path: Path) -> None:
+    samples = []
+    for i, tiles in enumerate((1, 2) * 4):
+        path = tmp_path / f"tiles-{i}.npy"
+        np.save(path, np.zeros((tiles, 3, 56, 56), np.float32))
+        samples.append(Sample(f"t{i}", [path], np.zeros(1, np.int64), np.zeros(1, np.int64),
+                              (("<image>\nWhich side?", ("Left", "Right")[i % 2]),)))
+    with pytest.raises(ValueError, match="one tile count for every image"):
+        warm_up_vision(load(work["base"]), samples, steps=1, batch_size=2, lr=1e-3, seed=0,
+                       device=torch.device("cpu"), log=lambda line: None)

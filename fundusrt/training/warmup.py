@@ -121,28 +121,23 @@ def _plain(question: str) -> str:
 
 
 def _dense_targets(model: LVLM, files: list[Path], sources: dict[Path, Path],
-                   boxes: dict[Path, dict[str, list[tuple[int, int, int, int]]]], questions: list[str]) -> np.ndarray:
+                   boxes: dict[Path, dict[str, list[tuple[int, int, int, int]]]], questions: list[str],
+                   tiles: int) -> np.ndarray:
     """(images, tokens, questions): 1/0 where a grounding question was asked of the image, -1 elsewhere."""
     tokens = model.config.tokens_per_tile
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise ValueError(f"grounding warm-up needs a square token grid per tile; this connector gives {tokens} tokens")
-    rows: list[np.ndarray | None] = []
-    for file in files:
-        asked = boxes.get(file)
-        if not asked:
-            rows.append(None)
+    out = np.full((len(files), tiles * tokens, len(questions)), -1.0, np.float32)
+    for index, file in enumerate(files):
+        if file not in boxes:
             continue
         image = load_image(sources[file])
         plan = plan_image(image, model.config.tiling)
-        row = np.full((plan.num_tiles * tokens, len(questions)), -1.0, np.float32)
         for k, question in enumerate(questions):
-            if question in asked:
-                row[:, k] = token_targets(plan, (image.shape[1], image.shape[0]), asked[question], grid)
-        rows.append(row)
-    length = max(row.shape[0] for row in rows if row is not None)
-    unknown = np.full((length, len(questions)), -1.0, np.float32)
-    return np.stack([unknown if row is None else row for row in rows])
+            if question in boxes[file]:
+                out[index, :, k] = token_targets(plan, (image.shape[1], image.shape[0]), boxes[file][question], grid)
+    return out
 
 
 def warm_up_vision(model: LVLM, samples: Sequence[Sample], *, steps: int, batch_size: int, lr: float, seed: int,
@@ -175,8 +170,13 @@ def warm_up_vision(model: LVLM, samples: Sequence[Sample], *, steps: int, batch_
                 boxes.setdefault(file, {}).update(found)
                 sources[file] = sample.image_files[0]
     files = list(images)
+    # a batch is split back into images by token count, so every image must have as many tiles
+    tiles = {int(np.load(f, mmap_mode="r").shape[0]) for f in files}
+    if len(tiles) > 1:
+        raise ValueError(f"vision warm-up needs one tile count for every image; the data gives {sorted(tiles)} "
+                         "tiles (use a fixed tiling such as 'single', or set vision_warmup_steps to 0)")
     targets = {q: np.array([a.index(images[f][q]) if q in images[f] else -1 for f in files]) for q, a in questions.items()}
-    dense = _dense_targets(model, files, sources, boxes, grounded) if boxes else None
+    dense = _dense_targets(model, files, sources, boxes, grounded, tiles.pop()) if boxes else None
     hidden = model.config.text.hidden_size
     probes = nn.ModuleDict({str(k): _AttentionProbe(hidden, len(a)) for k, a in enumerate(questions.values())})
     locate = nn.Linear(hidden, max(1, len(grounded)))
