@@ -60,9 +60,12 @@ def cpu_summary() -> str:
             if line.startswith(("flags", "Features")):
                 flags.update(line.split(":", 1)[1].split())
                 break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     simd = ", ".join(f for f in _SIMD_FLAGS if f in flags) or "unknown"
-    return f"{_cpu_model()}, {cores} usable cores, SIMD: {simd}"
+    return f"{_cpu_model()}, {_usable_cores()} usable cores, SIMD: {simd}"
+
+
+def _usable_cores() -> int | None:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def gpus() -> list[dict[str, str]]:
@@ -83,8 +86,7 @@ def hardware() -> dict[str, Any]:
     import psutil
 
     return {"cpu": _cpu_model(), "cpu_summary": cpu_summary(), "logical_cores": psutil.cpu_count(logical=True),
-            "physical_cores": psutil.cpu_count(logical=False), "usable_cores": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False), "usable_cores": _usable_cores(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
             "machine": platform.machine(), "gpus": gpus()}
 
