@@ -15,11 +15,7 @@ from PIL import Image
 from fundusrt._deps import MissingDependencyError
 from fundusrt.config import SIGLIP_MEAN, SIGLIP_STD, TilingConfig
 from fundusrt.kernels.cuda import HOST_HARNESS_PATH, SOURCE_PATH
-from fundusrt.kernels.cuda.tables import (
-    build_launch_tables,
-    installed_pillow_major,
-    pillow_vertical_first,
-)
+from fundusrt.kernels.cuda.tables import build_launch_tables
 from fundusrt.kernels.patchify import normalisation_lut, patchify
 from fundusrt.kernels.roi import find_fundus_roi
 from fundusrt.kernels.tiling import TilePlan, plan_tiles
@@ -177,26 +173,6 @@ def test_host_kernels_follow_the_cpu_roi_crop(host_binary: Path, tmp_path: Path)
 def test_host_roi_matches_find_fundus_roi(host_binary: Path, tmp_path: Path, make) -> None:
     image = make()
     assert run_host_roi(host_binary, tmp_path, image) == find_fundus_roi(image)
-
-
-def test_pillow_pass_order_rule_matches_installed_pillow() -> None:
-    """The rule build_launch_tables uses to pick the first pass predicts what this Pillow does."""
-    rng = np.random.default_rng(7)
-    major = installed_pillow_major()
-    checked = 0
-    for _ in range(80):
-        w, h = (int(v) for v in rng.integers(8, 160, 2))
-        ow, oh = (int(v) for v in rng.integers(4, 160, 2))
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        direct = np.asarray(img.resize((ow, oh), Image.Resampling.BICUBIC))
-        h_first = np.asarray(img.resize((ow, h), Image.Resampling.BICUBIC).resize((ow, oh), Image.Resampling.BICUBIC))
-        v_first = np.asarray(img.resize((w, oh), Image.Resampling.BICUBIC).resize((ow, oh), Image.Resampling.BICUBIC))
-        if np.array_equal(h_first, v_first):
-            continue
-        expected = v_first if pillow_vertical_first(w, h, ow, oh, major) else h_first
-        assert np.array_equal(direct, expected), f"{w}x{h} -> {ow}x{oh}: Pillow {major} used the other pass order"
-        checked += 1
-    assert checked > 40
 
 
 def test_launch_tables_reject_a_plan_for_another_image() -> None:

@@ -1,11 +1,10 @@
 """CPU patching: an RGB image in, normalised NCHW tiles out, following a TilePlan.
 
-Resampling is Pillow's own BICUBIC on uint8 (what the models were trained with), done once per
-distinct resize target: the whole grid canvas at once, then tiles are slices of it. Each target is one
-Pillow call (Pillow picks the order of its two passes by image shape, and the uint8 between them makes
-the order visible, so a target is never split); distinct targets resize concurrently. Pixels decoded
-as RGBX (the JPEG path of fundusrt.dicom) reach Pillow without a copy. Normalisation is a per-channel
-256-entry lookup table written straight into the output array, so each output value is touched once.
+Resampling is Pillow's BICUBIC on uint8 (what the models were trained with), reproduced bit for bit by
+fundusrt.kernels.resample and done once per distinct resize target: the whole grid canvas at once, then
+tiles are slices of it; distinct targets resize concurrently. Pixels decoded as RGBX (the JPEG path of
+fundusrt.dicom) are resampled in place. Normalisation is a per-channel 256-entry lookup table written
+straight into the output array, so each output value is touched once.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
-
 from fundusrt.config import TilingConfig
+from fundusrt.kernels.resample import resize_bicubic
 from fundusrt.kernels.roi import check_image, find_fundus_roi
 from fundusrt.kernels.tiling import TilePlan, TileSource, plan_tiles
 
@@ -62,7 +60,7 @@ def patchify(
         image: RGB uint8 array (H, W, 3).
         cfg: tiling policy, tile size, mean/std and whether to crop to the fundus field of view first.
         dtype: np.float32 or np.float16 for pixel_values.
-        device: "cpu" (NumPy + Pillow) or "cuda" (our kernels; the result stays in device memory as
+        device: "cpu" (our SIMD resampler + NumPy) or "cuda" (our kernels; the result stays in device memory as
             CudaPatches, which the GPU backends consume without a host round trip).
 
     Returns:
@@ -91,17 +89,16 @@ def patchify(
     out = np.empty((plan.num_tiles, 3, size, size), dtype=out_dtype)
     # largest target first so the longest resize starts first
     targets = sorted({tile.resize_to for tile in plan.tiles}, key=lambda wh: wh[0] * wh[1], reverse=True)
-    source = _as_pillow(image)
     workers = min(len(targets), os.cpu_count() or 1)
     if workers == 1:
-        resized = {target: _resize(source, target) for target in targets}
+        resized = {target: _resize(image, target) for target in targets}
         for index, tile in enumerate(plan.tiles):
             _write_tile(out[index], resized[tile.resize_to], tile, lut, plan.pad_value)
         return Patches(pixel_values=out, plan=plan)
-    # Pillow releases the GIL while resampling, so the grid canvas and the thumbnail / global view
-    # resize concurrently, and tiles are normalised as soon as their source is ready
+    # the resampler releases the GIL, so the grid canvas and the thumbnail / global view resize
+    # concurrently, and tiles are normalised as soon as their source is ready
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = {target: pool.submit(_resize, source, target) for target in targets}
+        pending = {target: pool.submit(_resize, image, target) for target in targets}
         for index, tile in enumerate(plan.tiles):
             _write_tile(out[index], pending[tile.resize_to].result(), tile, lut, plan.pad_value)
     return Patches(pixel_values=out, plan=plan)
@@ -113,25 +110,10 @@ def plan_image(image: np.ndarray, cfg: TilingConfig) -> TilePlan:
     return plan_tiles(width, height, cfg, roi=find_fundus_roi(image) if cfg.roi_crop else None)
 
 
-def _as_pillow(image: np.ndarray) -> Image.Image:
-    """A Pillow image of `image`: sharing its memory when the pixels are the RGB view of an RGBX buffer."""
-    base = image.base
-    if (isinstance(base, np.ndarray) and base.dtype == np.uint8 and base.ndim == 3 and base.shape[2] == 4
-            and base.flags.c_contiguous and image.strides == (base.strides[0], 4, 1)):
-        offset = image.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-        height, width = image.shape[:2]
-        # Pillow maps whole strides, so a crop needs bytes past its last row's end (the JPEG decoder
-        # leaves a spare row for that)
-        if offset + base.strides[0] * height <= base.nbytes:
-            return Image.frombuffer("RGBX", (width, height), base.reshape(-1)[offset:], "raw", "RGBX",
-                                    base.strides[0], 1)
-    return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
-
-
-def _resize(source: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    if source.size == size:
-        return np.asarray(source)
-    return np.asarray(source.resize(size, Image.Resampling.BICUBIC))
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if image.shape[1::-1] == size:
+        return image
+    return resize_bicubic(image, size)
 
 
 def _write_tile(

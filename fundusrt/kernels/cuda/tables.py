@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import metadata
-
 import numpy as np
 
+from fundusrt.kernels.resample import installed_pillow_major, pillow_vertical_first
 from fundusrt.kernels.tiling import TilePlan
 
 VIEW_FIELDS = 12  # FRT_VIEW_FIELDS
@@ -66,21 +65,6 @@ class LaunchTables:
 def max_taps(in_size: int, out_size: int) -> int:
     """Pillow's ksize (frt_max_taps): most bicubic taps one output pixel uses for in_size -> out_size."""
     return math.ceil(2.0 * max(in_size / out_size, 1.0)) * 2 + 1
-
-
-def pillow_vertical_first(src_w: int, src_h: int, out_w: int, out_h: int, pillow_major: int) -> bool:
-    """Whether Pillow `pillow_major` resamples the vertical axis first for src -> out.
-
-    Pillow 13 (python-pillow/Pillow#9549) goes vertical first when the height shrinks by more than
-    twice as many pixels as the width; the rule was fitted on Pillow 13.0.0 over 400 random size pairs
-    and boundary cases (tests/test_cuda_kernels.py re-checks it). Earlier Pillow is always horizontal first.
-    """
-    return pillow_major >= 13 and out_h < src_h and src_h - out_h > 2 * (src_w - out_w)
-
-
-def installed_pillow_major() -> int:
-    """Major version of the installed Pillow (the CPU path's resampler, which the kernels follow)."""
-    return int(metadata.version("pillow").split(".")[0])
 
 
 def build_launch_tables(
