@@ -23,7 +23,7 @@
 
 #define PRECISION_BITS 22  // Pillow: 32 - 8 - 2
 #define HALF (1 << (PRECISION_BITS - 1))
-#define VBLOCK 64  // bytes of a row accumulated at once by the vertical pass (16 ymm of int32)
+#define VBLOCK 64  // bytes of a row the vertical pass accumulates at once (64 int32: 8 ymm registers)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
