@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sysconfig
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import fundusrt.kernels
 from fundusrt.kernels import _resample
 from fundusrt.kernels.resample import installed_pillow_major, pillow_vertical_first, resize_bicubic
 
@@ -133,3 +139,23 @@ def test_the_extension_refuses_a_buffer_the_image_does_not_fit() -> None:
         _resample.resize(buffer, 0, 30, 3, 10, 3, np.empty(5, np.uint8), 2, 2, False)
     with pytest.raises(ValueError, match="pixel_bytes"):
         _resample.resize(buffer, 0, 30, 2, 10, 3, out, 2, 2, False)
+
+
+def test_resampler_builds_for_jetson_with_neon_multiply_accumulates(tmp_path: Path) -> None:
+    """Jetson is aarch64: the portable loops must compile there and vectorise (NEON mla), not fall to scalar."""
+    compiler = shutil.which("aarch64-linux-gnu-gcc")
+    if compiler is None:
+        pytest.skip("aarch64-linux-gnu-gcc is not installed (Debian: gcc-aarch64-linux-gnu)")
+    source = Path(fundusrt.kernels.__file__).with_name("_resample.c")
+    library = tmp_path / "_resample.so"
+    done = subprocess.run(
+        [compiler, "-O3", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-missing-field-initializers", "-shared", "-fPIC",
+         "-I", sysconfig.get_paths()["include"], str(source), "-o", str(library)],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        pytest.skip("aarch64-linux-gnu-objdump is not installed")
+    listing = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    assert len(re.findall(r"\smla\s+v\d+\.4s", listing)) >= 4, "no NEON multiply-accumulate in the aarch64 build"

@@ -276,6 +276,9 @@ static void horizontal_rows(const uint8_t *src, Py_ssize_t src_stride, int in_px
         horizontal_avx2(src, src_stride, in_px, y0, y1, ax, k4, taps2, dst, dst_stride);
         return;
     }
+#else
+    (void)k4;  // the AVX2 weight layout exists on x86-64 only
+    (void)taps2;
 #endif
     horizontal_generic(src, src_stride, in_px, y0, y1, ax, dst, dst_stride);
 }
