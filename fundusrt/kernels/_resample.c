@@ -1,11 +1,9 @@
 // Pillow-exact BICUBIC resize of 8-bit RGB, vectorised: fundusrt.kernels._resample.
 //
-// Reproduces Pillow's ImagingResample for RGB/RGBX images (libImaging/Resample.c, unchanged from
-// Pillow 7 to 13): per axis precompute_coeffs (bicubic a = -0.5, support 2 scaled by the downscale
-// factor, window bounds rounded with (int)(x + 0.5), weights normalised per output pixel, all in
-// double) then normalize_coeffs_8bpc (22 fractional bits); each pass accumulates uint8 * int32 weight
-// in int32 from 1 << 21 and rounds to uint8 with an arithmetic shift and a clamp. The arithmetic is
-// integer and identical, so the output is bit-identical to Pillow; only the loop order differs:
+// Reproduces Pillow's ImagingResample for RGB/RGBX images with the weights of cuda/pillow_bicubic.h
+// (shared with the CUDA kernels): each pass accumulates uint8 * int32 weight in int32 from 1 << 21 and
+// rounds to uint8 with an arithmetic shift and a clamp. The arithmetic is integer and identical, so
+// the output is bit-identical to Pillow; only the loop order differs:
 //   - horizontal pass: a pixel's four bytes (R, G, B and the padding / next pixel's R) are four int32
 //     lanes; with AVX2 two neighbouring pixels meet their two weights in one 8-lane multiply-add and
 //     two rows share each weight load; elsewhere two rows share one 8-lane multiply-add per tap;
@@ -21,8 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PRECISION_BITS 22  // Pillow: 32 - 8 - 2
-#define HALF (1 << (PRECISION_BITS - 1))
+#include "cuda/pillow_bicubic.h"
+
+#define HALF (1 << (FRT_PRECISION_BITS - 1))
 #define VBLOCK 64  // bytes of a row the vertical pass accumulates at once (64 int32: 8 ymm registers)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -42,91 +41,36 @@
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
 
-// One resampled axis: for each output index the first input index, the tap count and `taps`
-// fixed-point weights (zeros past the count).
+// One resampled axis: a pillow_bicubic.h table, with views of its per-output (first, count) bounds
+// and `taps` fixed-point weights (zeros past the count).
 typedef struct {
     int out_size;
     int taps;
-    int *bounds;  // (first, count) * out_size
-    int32_t *k;   // out_size * taps
+    int *table;
+    int *bounds;
+    const int32_t *k;
 } Axis;
 
-static double bicubic(double x) {
-    const double a = -0.5;
-    if (x < 0.0) {
-        x = -x;
-    }
-    if (x < 1.0) {
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
-    }
-    if (x < 2.0) {
-        return (((x - 5) * x + 8) * x - 4) * a;
-    }
-    return 0.0;
-}
-
-static void axis_free(Axis *axis) {
-    free(axis->bounds);
-    free(axis->k);
-    axis->bounds = NULL;
-    axis->k = NULL;
-}
-
-// Pillow precompute_coeffs + normalize_coeffs_8bpc for in_size -> out_size over the whole input.
 static int axis_init(Axis *axis, int in_size, int out_size) {
-    // Pillow takes the box as floats: (double)(in1 - in0) with in0 = 0.0f, in1 = (float)in_size
-    double scale = (double)((float)in_size - 0.0f) / out_size;
-    double filterscale = scale < 1.0 ? 1.0 : scale;
-    double support = 2.0 * filterscale;
-    int taps = (int)ceil(support) * 2 + 1;
-    double *w = malloc(sizeof(double) * (size_t)taps);
-    axis->out_size = out_size;
-    axis->taps = taps;
-    axis->bounds = malloc(sizeof(int) * 2 * (size_t)out_size);
-    axis->k = calloc((size_t)out_size * taps, sizeof(int32_t));
-    if (!w || !axis->bounds || !axis->k) {
-        free(w);
-        axis_free(axis);
+    const int taps = frt_max_taps(in_size, out_size);
+    axis->table = malloc(sizeof(int) * (FRT_TABLE_HEADER + (size_t)out_size * (2 + taps)));
+    if (!axis->table) {
         return -1;
     }
-    double ss = 1.0 / filterscale;
-    for (int xx = 0; xx < out_size; xx++) {
-        double center = (xx + 0.5) * scale;
-        int xmin = (int)(center - support + 0.5);
-        if (xmin < 0) {
-            xmin = 0;
-        }
-        int xmax = (int)(center + support + 0.5);
-        if (xmax > in_size) {
-            xmax = in_size;
-        }
-        int count = xmax - xmin;
-        double ww = 0.0;
-        for (int x = 0; x < count; x++) {
-            w[x] = bicubic((x + xmin - center + 0.5) * ss);
-            ww += w[x];
-        }
-        int32_t *k = axis->k + (size_t)xx * taps;
-        for (int x = 0; x < count; x++) {
-            double v = ww != 0.0 ? w[x] / ww : w[x];
-            k[x] = v < 0 ? (int32_t)(-0.5 + v * (1 << PRECISION_BITS)) : (int32_t)(0.5 + v * (1 << PRECISION_BITS));
-        }
-        axis->bounds[2 * xx] = xmin;
-        axis->bounds[2 * xx + 1] = count;
+    for (int i = 0; i < out_size; i++) {
+        frt_axis_coeffs_at(in_size, out_size, taps, i, axis->table);
     }
-    free(w);
+    axis->out_size = out_size;
+    axis->taps = taps;
+    axis->bounds = axis->table + FRT_TABLE_HEADER;
+    axis->k = axis->table + FRT_TABLE_HEADER + 2 * (size_t)out_size;
     return 0;
 }
 
-static inline uint8_t clip8(int32_t acc) {
-    int32_t v = acc >> PRECISION_BITS;
-    return (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
-}
-
 static inline void store_px(uint8_t *dst, const int32_t *acc) {
-    dst[0] = clip8(acc[0]);
-    dst[1] = clip8(acc[1]);
-    dst[2] = clip8(acc[2]);
+    dst[0] = frt_clip8(acc[0]);
+    dst[1] = frt_clip8(acc[1]);
+    dst[2] = frt_clip8(acc[2]);
 }
 
 // Horizontal pass, portable: rows [y0, y1) of src (in_px bytes per pixel) to rows 0.. of dst (RGB).
@@ -189,11 +133,11 @@ __attribute__((target("avx2"))) static inline __m256i pixel_pair(const uint8_t *
     return _mm256_cvtepu8_epi32(b);
 }
 
-// Sum of the two 128-bit halves of acc, rounded to uint8 like clip8 (>> 22 lands in [-512, 511], so the
+// Sum of the two 128-bit halves of acc, rounded to uint8 like frt_clip8 (>> 22 lands in [-512, 511], so the
 // saturating packs clamp exactly), stored as 3 bytes.
 __attribute__((target("avx2"))) static inline void store_rgb(uint8_t *out, __m256i acc) {
     __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    sum = _mm_srai_epi32(sum, PRECISION_BITS);
+    sum = _mm_srai_epi32(sum, FRT_PRECISION_BITS);
     sum = _mm_packus_epi16(_mm_packs_epi32(sum, sum), sum);
     uint32_t rgbx = (uint32_t)_mm_cvtsi128_si32(sum);
     memcpy(out, &rgbx, 3);
@@ -256,7 +200,7 @@ static void vertical(const uint8_t *src, Py_ssize_t src_stride, Py_ssize_t row_b
                 }
             }
             for (int j = 0; j < VBLOCK; j++) {
-                out[j0 + j] = clip8(acc[j]);
+                out[j0 + j] = frt_clip8(acc[j]);
             }
         }
         for (Py_ssize_t j = j0; j < row_bytes; j++) {
@@ -264,7 +208,7 @@ static void vertical(const uint8_t *src, Py_ssize_t src_stride, Py_ssize_t row_b
             for (int y = 0; y < count; y++) {
                 acc += rows[y * src_stride + j] * k[y];
             }
-            out[j] = clip8(acc);
+            out[j] = frt_clip8(acc);
         }
     }
 }
@@ -407,8 +351,8 @@ done:
     free(tmp);
     free(pad_row);
     free(k4);
-    axis_free(&ax_h);
-    axis_free(&ax_v);
+    free(ax_h.table);
+    free(ax_v.table);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return result;

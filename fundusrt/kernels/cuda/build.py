@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from fundusrt._deps import require
-from fundusrt.kernels.cuda import SOURCE_PATH
+from fundusrt.kernels.cuda import HEADER_PATH, SOURCE_PATH
 from fundusrt.manifest import atomic_write_bytes
 
 # --fmad=false: the host build and Pillow round each multiply and add separately (see patchify.cu)
@@ -27,8 +27,8 @@ class KernelBuildError(RuntimeError):
 
 
 def source_digest() -> str:
-    """sha256 of the kernel source, the part of every cache key that changes with the code."""
-    return hashlib.sha256(SOURCE_PATH.read_bytes()).hexdigest()
+    """sha256 of the kernel source and its header, the part of every cache key that changes with the code."""
+    return hashlib.sha256(SOURCE_PATH.read_bytes() + b"\0" + HEADER_PATH.read_bytes()).hexdigest()
 
 
 def cache_dir() -> Path:
@@ -127,7 +127,9 @@ def nvrtc_compile(arch: int) -> tuple[bytes, str]:
     if cached.is_file():
         return cached.read_bytes(), kind
 
-    err, program = nvrtc.nvrtcCreateProgram(SOURCE_PATH.read_bytes(), SOURCE_PATH.name.encode(), 0, [], [])
+    err, program = nvrtc.nvrtcCreateProgram(
+        SOURCE_PATH.read_bytes(), SOURCE_PATH.name.encode(), 1, [HEADER_PATH.read_bytes()], [HEADER_PATH.name.encode()]
+    )
     _check(err, "program creation")
     try:
         encoded = [o.encode() for o in options]

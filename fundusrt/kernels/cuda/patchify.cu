@@ -7,23 +7,16 @@
 // a fatbin; NVRTC must be given --fmad=false so that double/float arithmetic rounds exactly like the
 // host build (and like Pillow on x86-64, which does not contract into FMA).
 //
-// Resampling reproduces Pillow's ImagingResample for 8-bit RGB (libImaging/Resample.c, unchanged
-// from Pillow 7 to 13): per axis, precompute_coeffs (bicubic a = -0.5, support 2 scaled by the
-// downscale factor so downscaling antialiases, window bounds rounded with (int)(x + 0.5), weights
-// normalised per output pixel) then normalize_coeffs_8bpc (22 fractional bits); the horizontal pass
-// runs first and rounds to uint8, the vertical pass reads that uint8 intermediate. Integer
-// accumulation makes the result bit-identical to Pillow whenever the double coefficients are.
+// Resampling reproduces Pillow's ImagingResample for 8-bit RGB with the weights of pillow_bicubic.h:
+// the first pass (horizontal, or vertical where Pillow 13 picks that order) rounds to a uint8
+// intermediate that the second pass reads. Integer accumulation makes the result bit-identical to
+// Pillow whenever the double coefficients are.
 
-#ifndef __CUDACC__
-#define __host__
-#define __device__
-#endif
+#include "pillow_bicubic.h"
 
 // ---------------------------------------------------------------------------------------------
 // Section 1: portable arithmetic (host and device)
 // ---------------------------------------------------------------------------------------------
-
-#define FRT_PRECISION_BITS 22  // Pillow: 32 - 8 - 2 (8 result bits, 2 bits of head-room for overshoot)
 
 // Layout of one row of the views table (int32), built by cuda_patchify.build_launch_tables.
 #define FRT_VIEW_SRC_X0 0   // ROI crop origin in the input image
@@ -40,89 +33,11 @@
 #define FRT_VIEW_VFIRST 11  // 1: vertical pass first (intermediate src_w x out_h), 0: horizontal first (out_w x src_h)
 #define FRT_VIEW_FIELDS 12
 
-// An axis table: [out_size, stride, (first, count) * out_size, coeff * out_size * stride].
-#define FRT_TABLE_HEADER 2
-
 // A coefficient job (int32 x 4): in_size, out_size, stride, table offset (ints).
 #define FRT_JOB_FIELDS 4
 
 // A tile (int32 x 3): view index, canvas x0, canvas y0 of its box.
 #define FRT_TILE_FIELDS 3
-
-// Pillow's bicubic_filter with a = -0.5.
-__host__ __device__ inline double frt_bicubic(double x) {
-    const double a = -0.5;
-    if (x < 0.0) {
-        x = -x;
-    }
-    if (x < 1.0) {
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
-    }
-    if (x < 2.0) {
-        return (((x - 5) * x + 8) * x - 4) * a;
-    }
-    return 0.0;
-}
-
-// Pillow's ksize: the most taps one output pixel can use when resampling in_size -> out_size.
-__host__ __device__ inline int frt_max_taps(int in_size, int out_size) {
-    double scale = (double)(float)in_size / out_size;
-    double filterscale = scale < 1.0 ? 1.0 : scale;
-    return (int)ceil(2.0 * filterscale) * 2 + 1;
-}
-
-// Pillow precompute_coeffs + normalize_coeffs_8bpc for output index `out_index` of one axis.
-// Writes (first, count) and `stride` fixed-point weights (zeros past count) into `table`.
-__host__ __device__ inline void frt_axis_coeffs_at(int in_size, int out_size, int stride, int out_index,
-                                                   int* table) {
-    // Pillow casts the float box extent to double; in0 is always 0 here (the ROI is a pointer offset).
-    double scale = (double)((float)in_size - 0.0f) / out_size;
-    double filterscale = scale < 1.0 ? 1.0 : scale;
-    double support = 2.0 * filterscale;
-    double center = 0.0 + (out_index + 0.5) * scale;
-    double ss = 1.0 / filterscale;
-    int xmin = (int)(center - support + 0.5);
-    if (xmin < 0) {
-        xmin = 0;
-    }
-    int xmax = (int)(center + support + 0.5);
-    if (xmax > in_size) {
-        xmax = in_size;
-    }
-    int count = xmax - xmin;
-    if (count > stride) {
-        count = stride;  // cannot happen when stride == frt_max_taps; guards the table bounds
-    }
-    // Two passes instead of a per-thread weight array: the weights are recomputed bit-identically.
-    double ww = 0.0;
-    for (int x = 0; x < count; x++) {
-        ww += frt_bicubic((x + xmin - center + 0.5) * ss);
-    }
-    int* bounds = table + FRT_TABLE_HEADER + 2 * out_index;
-    bounds[0] = xmin;
-    bounds[1] = count;
-    int* k = table + FRT_TABLE_HEADER + 2 * out_size + out_index * stride;
-    for (int x = 0; x < stride; x++) {
-        double w = 0.0;
-        if (x < count) {
-            w = frt_bicubic((x + xmin - center + 0.5) * ss);
-            if (ww != 0.0) {
-                w /= ww;
-            }
-        }
-        k[x] = w < 0 ? (int)(-0.5 + w * (1 << FRT_PRECISION_BITS)) : (int)(0.5 + w * (1 << FRT_PRECISION_BITS));
-    }
-    if (out_index == 0) {
-        table[0] = out_size;
-        table[1] = stride;
-    }
-}
-
-// Pillow clip8: drop the fraction bits (arithmetic shift) and saturate to 0..255.
-__host__ __device__ inline unsigned char frt_clip8(int acc) {
-    int v = acc >> FRT_PRECISION_BITS;
-    return (unsigned char)(v < 0 ? 0 : (v > 255 ? 255 : v));
-}
 
 // One tap-weighted sum of `count` RGB pixels `step` bytes apart, rounded like Pillow.
 __host__ __device__ inline void frt_filter_rgb(const unsigned char* first, long long step, const int* k, int count,
