@@ -159,3 +159,53 @@ def test_resampler_builds_for_jetson_with_neon_multiply_accumulates(tmp_path: Pa
         pytest.skip("aarch64-linux-gnu-objdump is not installed")
     listing = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
     assert len(re.findall(r"\smla\s+v\d+\.4s", listing)) >= 4, "no NEON multiply-accumulate in the aarch64 build"
+
+
+ASAN_SCRIPT = """
+import sys
+import numpy as np
+from PIL import Image
+import _resample
+
+rng = np.random.default_rng(5)
+for case in range(120):
+    w, h, ow, oh = (int(v) for v in rng.integers(1, 90, 4))
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    picture = Image.fromarray(image)
+    expected = {  # one axis per Pillow call fixes the pass order
+        False: picture.resize((ow, h), Image.Resampling.BICUBIC).resize((ow, oh), Image.Resampling.BICUBIC),
+        True: picture.resize((w, oh), Image.Resampling.BICUBIC).resize((ow, oh), Image.Resampling.BICUBIC),
+    }
+    rgbx = np.empty((h, w, 4), np.uint8)  # no spare row: the crop ends where the buffer ends
+    rgbx[..., :3] = image
+    for vertical_first in (False, True):
+        for source, px, stride in ((image.copy(), 3, w * 3), (rgbx.copy(), 4, w * 4)):
+            for portable in (False, True):
+                out = np.empty((oh, ow, 3), np.uint8)
+                _resample.resize(source, 0, stride, px, w, h, out, ow, oh, vertical_first, portable)
+                assert np.array_equal(out, np.asarray(expected[vertical_first])), (case, w, h, ow, oh, px, portable)
+print("clean")
+"""
+
+
+def test_resampler_reads_no_byte_outside_its_buffers_under_asan(tmp_path: Path) -> None:
+    """AddressSanitizer build: every pass order, layout and loop flavour on buffers that end at the image."""
+    import os
+    import sys
+
+    compiler = shutil.which("gcc")
+    libasan = subprocess.run([compiler or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             check=False).stdout.strip() if compiler else ""
+    if not compiler or not os.path.isabs(libasan):
+        pytest.skip("gcc with libasan is not installed")
+    source = Path(fundusrt.kernels.__file__).with_name("_resample.c")
+    library = tmp_path / f"_resample{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run(
+        [compiler, "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-ffp-contract=off", "-shared",
+         "-fPIC", "-I", sysconfig.get_paths()["include"], str(source), "-o", str(library)],
+        capture_output=True, text=True, check=True,
+    )
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], capture_output=True, text=True, env=env, check=False,
+                          timeout=300)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]
