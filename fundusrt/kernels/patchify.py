@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from fundusrt.config import TilingConfig
 from fundusrt.kernels.resample import resize_bicubic
 from fundusrt.kernels.roi import check_image, find_fundus_roi

@@ -24,7 +24,7 @@ def pillow_vertical_first(src_w: int, src_h: int, out_w: int, out_h: int, pillow
 
     Pillow 13 (python-pillow/Pillow#9549) goes vertical first when the height shrinks by more than
     twice as many pixels as the width; the rule was fitted on Pillow 13.0.0 over 400 random size pairs
-    and boundary cases (tests/test_cuda_kernels.py re-checks it). Earlier Pillow is always horizontal first.
+    and boundary cases (tests/test_resample.py re-checks it). Earlier Pillow is always horizontal first.
     """
     return pillow_major >= 13 and out_h < src_h and src_h - out_h > 2 * (src_w - out_w)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import numpy as np
 
 from fundusrt.kernels.resample import installed_pillow_major, pillow_vertical_first
