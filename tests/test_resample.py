@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -190,9 +192,6 @@ print("clean")
 
 def test_resampler_reads_no_byte_outside_its_buffers_under_asan(tmp_path: Path) -> None:
     """AddressSanitizer build: every pass order, layout and loop flavour on buffers that end at the image."""
-    import os
-    import sys
-
     compiler = shutil.which("gcc")
     libasan = subprocess.run([compiler or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
                              check=False).stdout.strip() if compiler else ""
