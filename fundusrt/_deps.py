@@ -5,17 +5,18 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# module -> extra of fundusrt that installs it
-_EXTRA_FOR: dict[str, str] = {
+# The CUDA pieces come with the install profile of the platform (CUDA 12 or 13 driver, or JetPack 6).
+GPU_PROFILES = ("gpu-cu12", "gpu-cu13", "jetson")
+# module -> extra(s) of fundusrt that install it
+_EXTRA_FOR: dict[str, str | tuple[str, ...]] = {
     "torch": "export",
     "transformers": "export",
     "safetensors": "export",
     "onnx": "export",
     "onnxscript": "export",
     "peft": "train",
-    "tensorrt": "trt",
-    "cuda": "gpu",
-    "cuda.bindings": "gpu",
+    "tensorrt": GPU_PROFILES,
+    "cuda": GPU_PROFILES,
     "matplotlib": "bench",
     "psutil": "bench",
     "pynetdicom": "node",
@@ -40,7 +41,11 @@ def require(module: str, purpose: str = "") -> ModuleType:
     except ImportError as exc:
         root = module.split(".")[0]
         extra = _EXTRA_FOR.get(module) or _EXTRA_FOR.get(root)
-        hint = f"pip install 'fundusrt[{extra}]'" if extra else f"pip install {root}"
+        if isinstance(extra, tuple):
+            hint = (" or ".join(f"pip install 'fundusrt[{e}]'" for e in extra)
+                    + " (`fundusrt doctor` says which fits this machine; on a Jetson TensorRT comes with JetPack)")
+        else:
+            hint = f"pip install 'fundusrt[{extra}]'" if extra else f"pip install {root}"
         what = f" for {purpose}" if purpose else ""
         raise MissingDependencyError(
             f"{module} is needed{what} but is not installed ({exc}). Install it with: {hint}"

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from fundusrt._deps import MissingDependencyError
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("fundusrt.synth.cli", "write synthetic fundus studies (DICOM) with ground truth"),
@@ -22,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("fundusrt.bench.cli", "latency against accuracy of model packages across backends, with a baseline"),
     "serve": ("fundusrt.node.cli", "run the DICOM node: receive studies, send findings back as DICOM"),
     "demo": ("fundusrt.demo", "synthetic DICOM study -> demo model package -> findings beside the ground truth"),
+    "doctor": ("fundusrt.doctor", "what this machine can run (CPU, onnxruntime, CUDA, NVRTC, TensorRT, Jetson) and what to install"),
 }
 
 
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"fundusrt {verb}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except MissingDependencyError as exc:  # a verb run where its extra is not installed: say which, no traceback
+        print(f"fundusrt {verb}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The runtime runs a DICOM study end to end with torch and transformers unimportable (as on a Jetson)."""
+"""The runtime runs a DICOM study end to end with torch and transformers unimportable (as on a Jetson), and
+every CLI verb's --help and missing-dependency message work there.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")  # only to build the package in this (parent) process
-
-pytestmark = pytest.mark.slow  # exports a package (~30 s on 2 cores)
+from fundusrt.cli import VERBS
 
 BLOCKED = ("torch", "transformers", "fundusrt.models", "fundusrt.export", "fundusrt.calibration",
            "fundusrt.training")
@@ -44,9 +44,11 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def package(tiny_package) -> Path:
+    pytest.importorskip("torch")  # only to build the package in this (parent) process
     return tiny_package("internvit-shuffle", seed=1)[1]
 
 
+@pytest.mark.slow  # exports a package (~30 s on 2 cores)
 def test_fundusrt_run_without_torch(package: Path, tmp_path: Path) -> None:
     from fundusrt.synth import write_study
 
@@ -74,3 +76,76 @@ def test_blocker_really_blocks() -> None:
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "blocked: torch is blocked" in proc.stdout, proc.stderr
+
+
+# Every verb's --help, then the verbs that need what a device lacks, each run to its missing-dependency message.
+CLI_CHILD = textwrap.dedent("""
+    import contextlib, importlib.abc, io, json, sys
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in ("torch", "transformers")):
+                raise ImportError(f"{{name}} is blocked: a runtime-only install has no torch")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+    from fundusrt.cli import main
+
+    def call(argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code
+            except BaseException as exc:
+                code = f"raised {{type(exc).__name__}}: {{exc}}"
+        return {{"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}}
+
+    results = {{verb: call([verb, "--help"]) for verb in {verbs!r}}}
+    results.update({{" ".join(argv): call(argv) for argv in {runs!r}}})
+    print(json.dumps(results))
+""")
+
+# verb invocations that must stop at require() with the extra to install (the paths need not exist)
+NEEDS_MISSING = {
+    ("inspect", "ckpt"): "fundusrt[export]",
+    ("export", "ckpt", "--out", "pkg"): "fundusrt[export]",
+    ("build-engines", "pkg", "--fp16"): "fundusrt[gpu-cu12]",
+}
+
+
+def test_every_verb_helps_and_names_its_extra_without_torch() -> None:
+    from fundusrt._deps import available
+
+    runs = [list(argv) for argv in NEEDS_MISSING if argv[0] != "build-engines" or not available("tensorrt")]
+    script = CLI_CHILD.format(verbs=sorted(VERBS), runs=runs)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for verb in VERBS:
+        got = results[verb]
+        assert got["code"] == 0 and f"usage: fundusrt {verb}" in got["stdout"], f"{verb} --help: {got}"
+    for argv, extra in NEEDS_MISSING.items():
+        if " ".join(argv) not in results:
+            continue
+        got = results[" ".join(argv)]
+        assert got["code"] == 1, f"{argv}: {got}"
+        assert extra in got["stderr"] and "Traceback" not in got["stderr"], f"{argv}: {got['stderr']}"
+
+
+def test_doctor_runs_without_torch(tmp_path: Path) -> None:
+    """`fundusrt doctor` is what a device runs first: it must work on a runtime-only install."""
+    script = CHILD.split("sys.meta_path.insert(0, Refuse())")[0].format(blocked=BLOCKED) + textwrap.dedent("""
+        sys.meta_path.insert(0, Refuse())
+        from fundusrt.cli import main
+        code = main(["doctor", "--json"])
+        print(json.dumps({"code": code}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *report, last = proc.stdout.strip().splitlines()
+    checks = {c["name"]: c for c in json.loads("\n".join(report))}
+    assert json.loads(last)["code"] in (0, 1)
+    assert {"CPU", "CUDA driver", "onnxruntime", "cuda-python", "NVRTC", "TensorRT", "backends", "profile"} <= set(checks)
+    assert "ort-cpu" in checks["backends"]["detail"]

@@ -109,7 +109,7 @@ def gpu_bandwidth(buffer_mib: int = 512, repeats: int = 10) -> tuple[float | Non
     try:
         from cuda.bindings import driver as cu
     except ImportError:
-        return None, "not measured: cuda-python is not installed (pip install 'fundusrt[gpu]')"
+        return None, "not measured: cuda-python is not installed (`fundusrt doctor` names the install profile)"
 
     def check(result: tuple) -> Any:
         err, *rest = result
