@@ -17,11 +17,10 @@ from fundusrt.config import SIGLIP_MEAN, SIGLIP_STD, TilingConfig
 from fundusrt.kernels.cuda import HOST_HARNESS_PATH, SOURCE_PATH
 from fundusrt.kernels.cuda.tables import build_launch_tables
 from fundusrt.kernels.patchify import normalisation_lut, patchify
-from fundusrt.kernels.roi import find_fundus_roi
+from fundusrt.kernels.roi import find_fundus_roi, roi_from_sample, subsample_step
 from fundusrt.kernels.tiling import TilePlan, plan_tiles
 
-KERNEL_NAMES = ("frt_axis_coeffs", "frt_first_pass", "frt_tiles_f32", "frt_tiles_f16", "frt_roi_profiles",
-                "frt_roi_reduce")
+KERNEL_NAMES = ("frt_axis_coeffs", "frt_first_pass", "frt_tiles_f32", "frt_tiles_f16", "frt_roi_sample")
 ANYRES_PINPOINTS = [(384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)]
 CONFIGS = {
     "internvl": TilingConfig(),
@@ -72,15 +71,16 @@ def run_host_patchify(binary: Path, workdir: Path, image: np.ndarray, plan: Tile
             raw[5 * n:].view(np.float16).reshape(shape))
 
 
-def run_host_roi(binary: Path, workdir: Path, image: np.ndarray, threshold: float = 20.0):
+def run_host_roi(binary: Path, workdir: Path, image: np.ndarray):
+    """The box the GPU path decides: the harness gathers the sample as the kernel does, roi_from_sample decides."""
     height, width = image.shape[:2]
-    step = max(1, -(-max(height, width) // 1024))
-    parts = (np.array([height, width, step, 0], dtype=np.int32), np.array([1000.0 * threshold]),
-             np.ascontiguousarray(image))
+    step = subsample_step(height, width)
+    parts = (np.array([height, width, step, 0], dtype=np.int32), np.ascontiguousarray(image))
     (workdir / "roi.bin").write_bytes(b"".join(p.tobytes() for p in parts))
-    subprocess.run([str(binary), "roi", str(workdir / "roi.bin"), str(workdir / "box.bin")], check=True)
-    box = np.fromfile(workdir / "box.bin", dtype=np.int32)
-    return None if box[0] < 0 else tuple(int(v) for v in box)
+    subprocess.run([str(binary), "roi", str(workdir / "roi.bin"), str(workdir / "sample.bin")], check=True)
+    sample = np.fromfile(workdir / "sample.bin", dtype=np.uint8).reshape(-(-height // step), -(-width // step), 3)
+    np.testing.assert_array_equal(sample, image[::step, ::step])
+    return roi_from_sample(sample, step, height, width)
 
 
 def pil_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:

@@ -22,10 +22,10 @@ from fundusrt.config import TilingConfig
 from fundusrt.kernels.cuda.build import find_fatbin, nvrtc_compile
 from fundusrt.kernels.cuda.tables import LaunchTables, build_launch_tables
 from fundusrt.kernels.patchify import normalisation_lut
-from fundusrt.kernels.roi import MAX_SIDE, check_image
+from fundusrt.kernels.roi import check_image, roi_from_sample, subsample_step
 from fundusrt.kernels.tiling import TilePlan, plan_tiles
 
-_KERNELS = ("frt_axis_coeffs", "frt_first_pass", "frt_tiles_f32", "frt_tiles_f16", "frt_roi_profiles", "frt_roi_reduce")
+_KERNELS = ("frt_axis_coeffs", "frt_first_pass", "frt_tiles_f32", "frt_tiles_f16", "frt_roi_sample")
 _DTYPES = {np.dtype(np.float32): "frt_tiles_f32", np.dtype(np.float16): "frt_tiles_f16"}
 _TILE_BLOCK = (32, 8)
 _ROW_BLOCK = 128
@@ -183,8 +183,9 @@ class CudaPatchifier:
 
     # -- public API ---------------------------------------------------------------------------------
 
-    def find_roi(self, image: np.ndarray, threshold: float = 20.0, stream: int | None = None) -> tuple[int, int, int, int] | None:
-        """GPU find_fundus_roi (same definition, exact at luminance ties): (x0, y0, x1, y1) or None."""
+    def find_roi(self, image: np.ndarray, threshold: float | None = None,
+                 stream: int | None = None) -> tuple[int, int, int, int] | None:
+        """GPU find_fundus_roi (same definition): (x0, y0, x1, y1) or None."""
         check_image(image)
         drv = _driver()
         self._activate()
@@ -195,29 +196,24 @@ class CudaPatchifier:
         finally:
             check_cuda(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
 
-    def _roi_on_device(self, d_image: Any, height: int, width: int, threshold: float, stream: Any) -> tuple[int, int, int, int] | None:
+    def _roi_on_device(self, d_image: Any, height: int, width: int, threshold: float | None,
+                       stream: Any) -> tuple[int, int, int, int] | None:
+        """Gather image[::step, ::step] on the device (at most 1024 px a side) and decide the box on the host."""
         drv = _driver()
-        step = max(1, math.ceil(max(height, width) / MAX_SIDE))
+        step = subsample_step(height, width)
         rows, cols = -(-height // step), -(-width // step)
-        counts = self._alloc(4 * (rows + cols + 4), stream)
+        sample = np.empty((rows, cols, 3), dtype=np.uint8)
+        d_sample = self._alloc(sample.nbytes, stream)
         try:
-            check_cuda(drv.cuMemsetD32Async(counts, 0, rows + cols, stream), "cuMemsetD32Async")
-            row_ptr, col_ptr, box_ptr = int(counts), int(counts) + 4 * rows, int(counts) + 4 * (rows + cols)
-            self._launch("frt_roi_profiles", (-(-cols // 32), -(-rows // _ROI_BLOCK_Y), 1), (32, _ROI_BLOCK_Y, 1), stream, [
+            self._launch("frt_roi_sample", (-(-cols // 32), -(-rows // _ROI_BLOCK_Y), 1), (32, _ROI_BLOCK_Y, 1), stream, [
                 (d_image, ctypes.c_void_p), (width, ctypes.c_int), (step, ctypes.c_int), (rows, ctypes.c_int),
-                (cols, ctypes.c_int), (1000.0 * threshold, ctypes.c_double), (row_ptr, ctypes.c_void_p),
-                (col_ptr, ctypes.c_void_p),
+                (cols, ctypes.c_int), (d_sample, ctypes.c_void_p),
             ])
-            self._launch("frt_roi_reduce", (1, 1, 1), (1024, 1, 1), stream, [
-                (row_ptr, ctypes.c_void_p), (col_ptr, ctypes.c_void_p), (rows, ctypes.c_int), (cols, ctypes.c_int),
-                (step, ctypes.c_int), (height, ctypes.c_int), (width, ctypes.c_int), (box_ptr, ctypes.c_void_p),
-            ])
-            box = np.empty(4, dtype=np.int32)
-            check_cuda(drv.cuMemcpyDtoHAsync(box.ctypes.data, drv.CUdeviceptr(box_ptr), 16, stream), "cuMemcpyDtoHAsync")
+            check_cuda(drv.cuMemcpyDtoHAsync(sample.ctypes.data, d_sample, sample.nbytes, stream), "cuMemcpyDtoHAsync")
             check_cuda(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
         finally:
-            check_cuda(drv.cuMemFreeAsync(counts, stream), "cuMemFreeAsync")
-        return None if box[0] < 0 else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+            check_cuda(drv.cuMemFreeAsync(d_sample, stream), "cuMemFreeAsync")
+        return roi_from_sample(sample, step, height, width, threshold)
 
     def patchify(self, image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32,
                  stream: int | None = None) -> CudaPatches:
@@ -250,7 +246,7 @@ class CudaPatchifier:
         drv = _driver()
         self._activate()
         cu_stream = drv.CUstream(stream or 0)
-        roi = self._roi_on_device(image_ptr, height, width, 20.0, cu_stream) if cfg.roi_crop else None
+        roi = self._roi_on_device(image_ptr, height, width, None, cu_stream) if cfg.roi_crop else None
         plan = plan_tiles(width, height, cfg, roi=roi)
         tables = build_launch_tables(plan, width, height)
         lut = normalisation_lut(cfg.mean, cfg.std, out_dtype)
@@ -323,6 +319,6 @@ def patchify_cuda(image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtyp
     return default_patchifier(device).patchify(image, cfg, dtype=dtype, stream=stream)
 
 
-def find_fundus_roi_cuda(image: np.ndarray, threshold: float = 20.0, device: int = 0) -> tuple[int, int, int, int] | None:
+def find_fundus_roi_cuda(image: np.ndarray, threshold: float | None = None, device: int = 0) -> tuple[int, int, int, int] | None:
     """GPU twin of kernels.find_fundus_roi."""
     return default_patchifier(device).find_roi(image, threshold)

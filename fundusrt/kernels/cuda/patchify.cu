@@ -129,63 +129,18 @@ __host__ __device__ inline OutT frt_normalize(const OutT* lut, int channel, unsi
     return lut[channel * 256 + v];
 }
 
-// --- fundus ROI (fundusrt/kernels/roi.py find_fundus_roi, same definition) -------------------
+// --- fundus ROI (fundusrt/kernels/roi.py) ----------------------------------------------------
+// The GPU only gathers image[::step, ::step]; roi.roi_from_sample decides the box on the host from
+// that small copy, so both paths share one definition.
 
-#define FRT_ROI_MIN_AREA_FRACTION 0.01  // smaller bright area: noise or an overlay, not a retina
-#define FRT_ROI_MAX_AREA_FRACTION 0.95  // larger: nothing is dark, no surround to crop
-#define FRT_ROI_PROFILE_FRACTION 0.02   // a row/column counts when it reaches this share of the busiest one
-
-// BT.601 luma above the threshold, decided exactly: 0.299 R + 0.587 G + 0.114 B > t  <=>
-// 299 R + 587 G + 114 B > 1000 t. (Float32 luma is ambiguous only at exact ties, where numpy's
-// answer even depends on the array's memory layout.)
-__host__ __device__ inline bool frt_is_bright(const unsigned char* rgb, double threshold_milli) {
-    return (double)(rgb[0] * 299 + rgb[1] * 587 + rgb[2] * 114) > threshold_milli;
-}
-
-// Whether subsampled pixel (i, j) survives the 3x3 cross erosion of the bright mask; neighbours
-// outside the subsampled grid do not erode (as the NumPy slicing does).
-__host__ __device__ inline bool frt_roi_core(const unsigned char* image, int image_w, int step, int rows, int cols,
-                                             double threshold_milli, int i, int j) {
-    const int di[5] = {0, -1, 1, 0, 0};
-    const int dj[5] = {0, 0, 0, -1, 1};
-    for (int n = 0; n < 5; n++) {
-        int y = i + di[n];
-        int x = j + dj[n];
-        if (y < 0 || x < 0 || y >= rows || x >= cols) {
-            continue;
-        }
-        const unsigned char* p = image + ((long long)y * step * image_w + (long long)x * step) * 3;
-        if (!frt_is_bright(p, threshold_milli)) {
-            return false;
-        }
-    }
-    return true;
-}
-
-// The count a row/column profile entry needs to belong to the field of view.
-__host__ __device__ inline int frt_profile_needed(int profile_max) {
-    int needed = (int)(FRT_ROI_PROFILE_FRACTION * profile_max);
-    return needed < 1 ? 1 : needed;
-}
-
-// Final box from the profile extents (inclusive subsampled indices) and the core pixel count.
-// Writes (x0, y0, x1, y1) in full-resolution pixels, or x0 = -1 when there is no ROI to crop to.
-__host__ __device__ inline void frt_roi_box(long long core_count, int rows, int cols, int first_row, int last_row,
-                                            int first_col, int last_col, int step, int height, int width, int* box) {
-    double fraction = (double)core_count / ((double)rows * (double)cols);
-    if (fraction < FRT_ROI_MIN_AREA_FRACTION || fraction > FRT_ROI_MAX_AREA_FRACTION) {
-        box[0] = box[1] = box[2] = box[3] = -1;
-        return;
-    }
-    // undo the one-pixel erosion, then map the first/last bright samples back to full resolution
-    int x0 = (first_col - 1) * step;
-    int y0 = (first_row - 1) * step;
-    int x1 = (last_col + 1) * step + 1;
-    int y1 = (last_row + 1) * step + 1;
-    box[0] = x0 < 0 ? 0 : x0;
-    box[1] = y0 < 0 ? 0 : y0;
-    box[2] = x1 > width ? width : x1;
-    box[3] = y1 > height ? height : y1;
+// Copies subsampled pixel (i, j), i.e. image pixel (i * step, j * step), into sample (rows x cols x 3).
+__host__ __device__ inline void frt_roi_sample_pixel(const unsigned char* image, int image_w, int step, int cols,
+                                                     int i, int j, unsigned char* sample) {
+    const unsigned char* p = image + ((long long)i * step * image_w + (long long)j * step) * 3;
+    unsigned char* q = sample + ((long long)i * cols + j) * 3;
+    q[0] = p[0];
+    q[1] = p[1];
+    q[2] = p[2];
 }
 
 #ifdef __CUDACC__
@@ -249,69 +204,14 @@ extern "C" __global__ void frt_tiles_f16(const int* views, const int* tables, co
     frt_tiles(views, tables, tmp, tiles, tile_size, pad_rgb, lut, out);
 }
 
-// Row and column counts of the eroded bright mask on the subsampled grid; grid
-// (ceil(cols / 32), ceil(rows / blockDim.y)), block (32, y). row_counts / col_counts start zeroed.
-extern "C" __global__ void frt_roi_profiles(const unsigned char* image, int image_w, int step, int rows, int cols,
-                                            double threshold_milli, int* row_counts, int* col_counts) {
-    __shared__ int block_cols[32];
+// image[::step, ::step] into sample (rows x cols x 3); grid (ceil(cols / 32), ceil(rows / blockDim.y)),
+// block (32, y).
+extern "C" __global__ void frt_roi_sample(const unsigned char* image, int image_w, int step, int rows, int cols,
+                                          unsigned char* sample) {
     int j = blockIdx.x * 32 + threadIdx.x;
     int i = blockIdx.y * blockDim.y + threadIdx.y;
-    if (threadIdx.y == 0) {
-        block_cols[threadIdx.x] = 0;
-    }
-    __syncthreads();
-    bool core = i < rows && j < cols && frt_roi_core(image, image_w, step, rows, cols, threshold_milli, i, j);
-    // a warp is one subsampled row segment: one atomic per warp for the row count
-    unsigned int lanes = __ballot_sync(0xffffffffu, core);
-    if (threadIdx.x == 0 && lanes != 0u) {
-        atomicAdd(row_counts + i, __popc(lanes));
-    }
-    if (core) {
-        atomicAdd(block_cols + threadIdx.x, 1);
-    }
-    __syncthreads();
-    if (threadIdx.y == 0 && block_cols[threadIdx.x] != 0) {
-        atomicAdd(col_counts + j, block_cols[threadIdx.x]);
-    }
-}
-
-// Reduces the profiles to the ROI box (4 ints, x0 = -1 for none); one block.
-extern "C" __global__ void frt_roi_reduce(const int* row_counts, const int* col_counts, int rows, int cols, int step,
-                                          int height, int width, int* box) {
-    __shared__ int max_row, max_col, first_row, last_row, first_col, last_col;
-    __shared__ unsigned long long total;
-    if (threadIdx.x == 0) {
-        max_row = max_col = 0;
-        first_row = first_col = 0x7fffffff;
-        last_row = last_col = -1;
-        total = 0ull;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
-        atomicMax(&max_row, row_counts[i]);
-        atomicAdd(&total, (unsigned long long)row_counts[i]);
-    }
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        atomicMax(&max_col, col_counts[j]);
-    }
-    __syncthreads();
-    int needed_row = frt_profile_needed(max_row);
-    int needed_col = frt_profile_needed(max_col);
-    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
-        if (row_counts[i] >= needed_row) {
-            atomicMin(&first_row, i);
-            atomicMax(&last_row, i);
-        }
-    }
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        if (col_counts[j] >= needed_col) {
-            atomicMin(&first_col, j);
-            atomicMax(&last_col, j);
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        frt_roi_box((long long)total, rows, cols, first_row, last_row, first_col, last_col, step, height, width, box);
+    if (i < rows && j < cols) {
+        frt_roi_sample_pixel(image, image_w, step, cols, i, j, sample);
     }
 }
 #endif  // __CUDACC__

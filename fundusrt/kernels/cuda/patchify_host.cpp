@@ -7,8 +7,8 @@
 //                                   lut[768], uint16 lut[768] (fp16 bits), int32 views, jobs, tiles,
 //                                   uint8 image (HWC).
 //                                   OUT: uint8 tiles (N,3,S,S), float32 normalised, uint16 fp16 bits.
-//   patchify_host roi IN OUT        IN: int32 header[4] (image_h, image_w, step, 0), float64 threshold
-//                                   x 1000, uint8 image. OUT: int32 box[4] (x0 = -1 for none).
+//   patchify_host roi IN OUT        IN: int32 header[4] (image_h, image_w, step, 0), uint8 image.
+//                                   OUT: uint8 sample image[::step, ::step] (HWC), what roi_from_sample reads.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -130,41 +130,16 @@ int run_roi(const char* in_path, const char* out_path) {
     Reader in{data};
     const int* header = in.take<int>(4);
     int height = header[0], width = header[1], step = header[2];
-    double threshold_milli = *in.take<double>(1);
     const unsigned char* image = in.take<unsigned char>((size_t)height * width * 3);
     int rows = (height + step - 1) / step;
     int cols = (width + step - 1) / step;
-    std::vector<int> row_counts(rows, 0), col_counts(cols, 0);
-    long long total = 0;
-    for (int i = 0; i < rows; i++) {  // frt_roi_profiles
+    std::vector<unsigned char> sample((size_t)rows * cols * 3);
+    for (int i = 0; i < rows; i++) {  // frt_roi_sample
         for (int j = 0; j < cols; j++) {
-            if (frt_roi_core(image, width, step, rows, cols, threshold_milli, i, j)) {
-                row_counts[i]++;
-                col_counts[j]++;
-                total++;
-            }
+            frt_roi_sample_pixel(image, width, step, cols, i, j, sample.data());
         }
     }
-    int max_row = 0, max_col = 0;  // frt_roi_reduce
-    for (int c : row_counts) max_row = c > max_row ? c : max_row;
-    for (int c : col_counts) max_col = c > max_col ? c : max_col;
-    int needed_row = frt_profile_needed(max_row), needed_col = frt_profile_needed(max_col);
-    int first_row = 0x7fffffff, last_row = -1, first_col = 0x7fffffff, last_col = -1;
-    for (int i = 0; i < rows; i++) {
-        if (row_counts[i] >= needed_row) {
-            first_row = i < first_row ? i : first_row;
-            last_row = i;
-        }
-    }
-    for (int j = 0; j < cols; j++) {
-        if (col_counts[j] >= needed_col) {
-            first_col = j < first_col ? j : first_col;
-            last_col = j;
-        }
-    }
-    int box[4];
-    frt_roi_box(total, rows, cols, first_row, last_row, first_col, last_col, step, height, width, box);
-    write_file(out_path, {box}, {sizeof box});
+    write_file(out_path, {sample.data()}, {sample.size()});
     return 0;
 }
 
