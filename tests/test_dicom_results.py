@@ -25,7 +25,7 @@ from fundusrt.dicom.capture import (
     write_capture,
     write_encapsulated_pdf,
 )
-from fundusrt.dicom.findings import FindingsError, LesionBox, parse_amd, parse_boxes, parse_dr_grade, study_findings
+from fundusrt.dicom.findings import LesionBox, parse_amd, parse_boxes, parse_dr_grade, study_findings
 from fundusrt.dicom.sr import DR_GRADE_CODES, ResultWriteError, write_sr
 from fundusrt.synth import GroundTruth, write_study
 from fundusrt.synth.grading import DR_GRADE_NAMES, LESION_KINDS
@@ -85,11 +85,14 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_parse_boxes_matches_the_grounding_writer() -> None:
     boxes = [normalise_box((10, 20, 110, 60), 400, 300), normalise_box((200, 100, 260, 290), 400, 300)]
     text = "Found: " + grounding_answer("hard exudate", boxes) + " and " + grounding_answer("drusen", boxes[:1])
-    assert parse_boxes(text) == [("hard exudate", boxes[0]), ("hard exudate", boxes[1]), ("drusen", boxes[0])]
-    with pytest.raises(FindingsError, match="above 999"):
-        parse_boxes("<ref>x</ref><box>[[0,0,1000,5]]</box>")
-    with pytest.raises(FindingsError, match="inverted"):
-        parse_boxes("<ref>x</ref><box>[[50,0,40,5]]</box>")
+    assert parse_boxes(text) == ([("hard exudate", boxes[0]), ("hard exudate", boxes[1]), ("drusen", boxes[0])], [])
+
+
+def test_parse_boxes_keeps_the_valid_boxes_and_says_why_others_were_dropped() -> None:
+    found, dropped = parse_boxes("<ref>x</ref><box>[[0,0,1000,5],[10,10,20,20]]</box> "
+                                 "<ref>y</ref><box>[[50,0,40,5]]</box>")
+    assert found == [("x", (10, 10, 20, 20))]
+    assert len(dropped) == 2 and "above 999" in dropped[0] and "inverted" in dropped[1]
 
 
 def test_box_to_pixels_is_the_inverse_of_normalisation() -> None:
@@ -174,7 +177,7 @@ def test_sr_codes_findings_and_references_every_source(study: Any, tmp_path: Pat
     for image in report["images"]:
         ds = pydicom.dcmread(image["source"], stop_before_pixels=True)
         for answer in image["answers"]:
-            for _, (x1, y1, x2, y2) in parse_boxes(answer["answer"]):
+            for _, (x1, y1, x2, y2) in parse_boxes(answer["answer"])[0]:
                 sx, sy = ds.Columns / 1000, ds.Rows / 1000
                 expected.append((image["sop_instance_uid"], np.array(
                     [[x1 * sx, y1 * sy], [x2 * sx, y1 * sy], [x2 * sx, y2 * sy], [x1 * sx, y2 * sy], [x1 * sx, y1 * sy]])))

@@ -89,7 +89,7 @@ def test_run_writes_valid_dicom_results(package: Path, tmp_path: Path) -> None:
     (sr,) = by_class.pop(COMPREHENSIVE_SR)
     (pdf,) = by_class.pop(ENCAPSULATED_PDF)
     boxed_frames = {(image["sop_instance_uid"], image["frame_index"]) for image in report["images"]
-                    for answer in image["answers"] if parse_boxes(answer["answer"])}
+                    for answer in image["answers"] if parse_boxes(answer["answer"])[0]}
     assert len(by_class.pop(SECONDARY_CAPTURE, [])) == len(boxed_frames) and by_class == {}
 
     first = pydicom.dcmread(study.files[0], stop_before_pixels=True)
@@ -142,8 +142,8 @@ def test_results_hold_a_capture_per_boxed_frame(tmp_path: Path) -> None:
     for image in report["images"]:
         image.setdefault("frame_index", 0)
     boxed = {(image["sop_instance_uid"], image["frame_index"]) for image in report["images"]
-             for answer in image["answers"] if parse_boxes(answer["answer"])}
-    results = write_results(report, tmp_path / "out", write_pdf=True)
+             for answer in image["answers"] if parse_boxes(answer["answer"])[0]}
+    results = write_results(report, tmp_path / "out", write_pdf=True).files
     captures = [pydicom.dcmread(r.path) for r in results if r.path.name.startswith("SC_")]
     assert boxed and {(sc.SourceImageSequence[0].ReferencedSOPInstanceUID,
                        int(sc.SourceImageSequence[0].get("ReferencedFrameNumber", 1)) - 1) for sc in captures} == boxed

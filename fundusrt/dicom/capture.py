@@ -20,7 +20,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fundusrt._deps import require
 from fundusrt.dicom.findings import EyeFindings, LesionBox
-from fundusrt.dicom.sr import MANUFACTURER, PDF_SERIES_NUMBER, SC_SERIES_NUMBER, ResultWriteError, save_dataset
+from fundusrt.dicom.sr import (
+    MANUFACTURER,
+    PATIENT_STUDY_TYPE2,
+    PDF_SERIES_NUMBER,
+    SC_SERIES_NUMBER,
+    ResultWriteError,
+    fallback_study_uid,
+    result_header,
+    save_dataset,
+)
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 # Colour per region kind (RGB); unknown kinds are drawn white.
@@ -34,12 +43,8 @@ BOX_COLOURS: dict[str | None, tuple[int, int, int]] = {
     "optic_disc": (64, 128, 255),
 }
 DEFAULT_COLOUR = (255, 255, 255)
-# Attributes of the Patient and General Study modules copied into the PDF instance.
-PATIENT_STUDY_ATTRIBUTES = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "StudyDescription",
-)
+# Attributes of the Patient and General Study modules copied into the PDF instance when the source has them.
+PATIENT_STUDY_ATTRIBUTES = (*PATIENT_STUDY_TYPE2, "IssuerOfPatientID", "StudyInstanceUID", "StudyDescription")
 
 
 def line_width(rows: int, columns: int) -> int:
@@ -80,7 +85,7 @@ def _source_frame(source_path: str | Path, sop_instance_uid: str, frame_index: i
 
 
 def build_capture(source_path: str | Path, lesions: Sequence[LesionBox], frame_index: int = 0,
-                  instance_number: int = 1, series_instance_uid: str | None = None) -> Any:
+                  instance_number: int = 1, series_instance_uid: str | None = None, header: Any = None) -> Any:
     """A Secondary Capture of one source frame with `lesions` drawn on it.
 
     Args:
@@ -89,19 +94,22 @@ def build_capture(source_path: str | Path, lesions: Sequence[LesionBox], frame_i
         frame_index: 0-based frame of the source.
         instance_number: of the new instance within its series.
         series_instance_uid: put several captures of one study in one series (default: a new series).
+        header: the source's header as `load_sources` gives it (default: read from `source_path`).
 
     Raises:
         ResultWriteError: the source cannot be read, or the lesions are on another image.
     """
     hd = require("highdicom", "writing DICOM Secondary Capture")
     pydicom = require("pydicom")
-    ref = pydicom.dcmread(source_path, stop_before_pixels=True)
-    wrong = {les.sop_instance_uid for les in lesions} - {ref.SOPInstanceUID}
+    if header is None:
+        raw = pydicom.dcmread(source_path, stop_before_pixels=True)
+        header = result_header(raw, fallback_study_uid([str(raw.get("SOPInstanceUID"))]))
+    wrong = {les.sop_instance_uid for les in lesions} - {header.SOPInstanceUID}
     if wrong:
-        raise ResultWriteError(f"boxes of image(s) {sorted(wrong)} cannot be drawn on {ref.SOPInstanceUID}")
-    image = _source_frame(source_path, ref.SOPInstanceUID, frame_index)
+        raise ResultWriteError(f"boxes of image(s) {sorted(wrong)} cannot be drawn on {header.SOPInstanceUID}")
+    image = _source_frame(source_path, header.SOPInstanceUID, frame_index)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref,
+        ref_dataset=header,
         pixel_array=draw_boxes(image.pixels, lesions),
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -116,14 +124,14 @@ def build_capture(source_path: str | Path, lesions: Sequence[LesionBox], frame_i
         manufacturer=MANUFACTURER,
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
-    sc.PatientOrientation = ref.get("PatientOrientation", "")
-    if ref.get("ImageLaterality") in ("R", "L"):
-        sc.Laterality = ref.ImageLaterality
+    sc.PatientOrientation = header.get("PatientOrientation", "")
+    # General Series Laterality is type 2C for a paired organ: present, empty when the source does not say.
+    sc.Laterality = header.ImageLaterality if header.get("ImageLaterality") in ("R", "L") else ""
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = "fundusrt findings (boxes)"
     sc.DerivationDescription = f"Grounded regions drawn by fundusrt on frame {frame_index + 1} of the source"
-    sc.SourceImageSequence = [_source_item(ref, frame_index)]
+    sc.SourceImageSequence = [_source_item(header, frame_index)]
     return sc
 
 
@@ -154,6 +162,7 @@ def report_lines(eyes: Sequence[EyeFindings], package: dict[str, Any]) -> list[s
                      f"{'not stated' if eye.referable is None else ('yes' if eye.referable else 'no')}; "
                      f"AMD: {'not stated' if eye.amd is None else ('yes' if eye.amd else 'no')}")
         lines += [f"  {les.label}: box {list(les.box)} (0-999) on image {les.sop_instance_uid}" for les in eye.lesions]
+        lines += [f"  left out: {problem}" for problem in eye.dropped]
         lines += [f"  {text}" for text in eye.text.splitlines()]
         lines.append("")
     lines.append("Generated by a machine-learning model; to be reviewed by a clinician.")
@@ -215,8 +224,7 @@ def build_encapsulated_pdf(pdf: bytes, sources: Sequence[Any], title: str = "fun
     for keyword in PATIENT_STUDY_ATTRIBUTES:
         if keyword in first:
             setattr(ds, keyword, first.data_element(keyword).value)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):  # type 2: present even when empty
+    for keyword in PATIENT_STUDY_TYPE2:  # type 2: present even when empty
         if keyword not in ds:
             setattr(ds, keyword, "")
     now = dt.datetime.now()

@@ -93,7 +93,10 @@ class LesionBox:
 
 @dataclass
 class EyeFindings:
-    """What was found in one eye ("R", "L", or None when the images do not say)."""
+    """What was found in one eye ("R", "L", or None when the images do not say).
+
+    `dropped` says which grounding boxes of the answers could not be kept, and why.
+    """
 
     laterality: str | None
     images: list[str]
@@ -101,6 +104,7 @@ class EyeFindings:
     amd: bool | None
     lesions: list[LesionBox] = field(default_factory=list)
     text: str = ""
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def referable(self) -> bool | None:
@@ -119,24 +123,25 @@ def lesion_kind(label: str) -> str | None:
     return next((kind for word, kind in _LESION_WORDS if word in lowered), None)
 
 
-def parse_boxes(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """Every (label, (x1, y1, x2, y2)) grounded in `text`, in order.
+def parse_boxes(text: str) -> tuple[list[tuple[str, tuple[int, int, int, int]]], list[str]]:
+    """Every valid (label, (x1, y1, x2, y2)) grounded in `text`, in order, and why the others were dropped.
 
-    Raises:
-        FindingsError: a coordinate is outside 0-999 or a box has x2 < x1 or y2 < y1.
+    A model can write a box no one can draw (a coordinate above 999, x2 < x1 or y2 < y1): that box is
+    dropped with a reason, and the valid ones are kept, so one bad box never costs the study its results.
     """
-    found = []
+    found, dropped = [], []
     for match in _REF_BOX.finditer(text):
         label = match.group("label").strip()
         for box_match in _BOX.finditer(match.group("boxes")):
             x1, y1, x2, y2 = (int(v) for v in box_match.groups())
             if max(x1, y1, x2, y2) >= GROUNDING_SCALE:
-                raise FindingsError(f"box {box_match.group(0)} for {label!r} has a coordinate above "
-                                    f"{GROUNDING_SCALE - 1}; grounding boxes are normalised to 0-{GROUNDING_SCALE - 1}")
-            if x2 < x1 or y2 < y1:
-                raise FindingsError(f"box {box_match.group(0)} for {label!r} is inverted (need x1 <= x2, y1 <= y2)")
-            found.append((label, (x1, y1, x2, y2)))
-    return found
+                dropped.append(f"box {box_match.group(0)} for {label!r} has a coordinate above "
+                               f"{GROUNDING_SCALE - 1}; grounding boxes are normalised to 0-{GROUNDING_SCALE - 1}")
+            elif x2 < x1 or y2 < y1:
+                dropped.append(f"box {box_match.group(0)} for {label!r} is inverted (need x1 <= x2, y1 <= y2)")
+            else:
+                found.append((label, (x1, y1, x2, y2)))
+    return found, dropped
 
 
 def strip_grounding(text: str) -> str:
@@ -186,7 +191,7 @@ def study_findings(report: Any) -> list[EyeFindings]:
     """Findings per eye (R, L, then eyes not recorded) from a StudyReport or its JSON form (`to_dict()`).
 
     Raises:
-        FindingsError: the report has no images list, or a grounding box is malformed.
+        FindingsError: the report has no images list.
     """
     data = report.to_dict() if hasattr(report, "to_dict") else report
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
@@ -204,16 +209,19 @@ def study_findings(report: Any) -> list[EyeFindings]:
         text_grade, text_amd = parse_dr_grade(joined), parse_amd(joined)
         grades = closed_grades + ([text_grade] if text_grade is not None else [])
         amd_flags = closed_amd + ([text_amd] if text_amd is not None else [])
-        lesions = [
-            LesionBox(label, lesion_kind(label), box, image["sop_instance_uid"], int(image.get("frame_index", 0)))
-            for image, _, text in answers for label, box in parse_boxes(text)
-        ]
+        lesions, dropped = [], []
+        for image, _, text in answers:
+            boxes, problems = parse_boxes(text)
+            lesions += [LesionBox(label, lesion_kind(label), box, image["sop_instance_uid"],
+                                  int(image.get("frame_index", 0))) for label, box in boxes]
+            dropped += [f"image {image['sop_instance_uid']}: {problem}" for problem in problems]
         eyes.append(EyeFindings(
             laterality=laterality,
             images=list(dict.fromkeys(image["sop_instance_uid"] for image in images)),
             dr_grade=max(grades) if grades else None,
             amd=any(amd_flags) if amd_flags else None,
             lesions=lesions,
+            dropped=dropped,
             text="\n".join(f"{a.get('question', '').strip()} {strip_grounding(a.get('answer', ''))}".strip()
                            for image in images for a in image.get("answers", [])),
         ))

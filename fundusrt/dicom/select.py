@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
@@ -104,7 +105,8 @@ def fundus_hint(ds: Dataset) -> str | None:
     if _text(ds, "Modality") == "OP":
         return "Modality OP"
     regions = _get(ds, "AnatomicRegionSequence")
-    for item in regions if isinstance(regions, list) else []:
+    # pydicom reads a sequence as its own Sequence type (not a list); a malformed element may be anything.
+    for item in regions if isinstance(regions, Sequence) else []:
         if not isinstance(item, Dataset):
             continue
         code = str(_get(item, "CodeValue") or "")

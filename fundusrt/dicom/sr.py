@@ -13,8 +13,10 @@ for use the private scheme 99FUNDUSRT, declared in the Coding Scheme Identificat
 
 from __future__ import annotations
 
+import copy
 import io
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from fundusrt._deps import require
 from fundusrt.dicom.findings import EyeFindings, LesionBox, study_findings
+from fundusrt.dicom.select import clean_uid
 from fundusrt.manifest import atomic_write_bytes
 
 MANUFACTURER = "fundusrt"
@@ -74,8 +77,56 @@ def code(value: CodeTuple) -> Any:
     return hd.sr.CodedConcept(value=value[0], scheme_designator=value[1], meaning=value[2])
 
 
+# Type 2 attributes of the Patient and General Study modules: every result instance carries them, empty
+# when the source has no usable value (real camera exports omit them or leave them empty all the time).
+PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_VALID_VALUE = {
+    "PatientSex": re.compile(r"[MFO]"),
+    "PatientBirthDate": re.compile(r"\d{8}"),
+    "StudyDate": re.compile(r"\d{8}"),
+    "StudyTime": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
+}
+
+
+def fallback_study_uid(sop_instance_uids: Sequence[str]) -> str:
+    """The StudyInstanceUID the results use when their sources carry none: the same for the same sources."""
+    pydicom = require("pydicom")
+    return pydicom.uid.generate_uid(entropy_srcs=["fundusrt study", *sorted(sop_instance_uids)])
+
+
+def result_header(ds: Any, study_uid: str) -> Any:
+    """A copy of a source header that the result writers can copy from, as DICOM requires.
+
+    What the source has is kept. Type 2 patient/study attributes it lacks, or holds in a form no reader
+    accepts (a sex other than M/F/O, a date that is not YYYYMMDD), become empty. A missing or malformed
+    StudyInstanceUID becomes `study_uid`, and a missing SeriesInstanceUID or SOPClassUID is taken from
+    the file meta or generated from the SOP Instance UID, so that every result references the same values.
+    """
+    pydicom = require("pydicom")
+    header = copy.deepcopy(ds)
+    for keyword in PATIENT_STUDY_TYPE2:
+        value = header.get(keyword)
+        pattern = _VALID_VALUE.get(keyword)
+        if value is None or (pattern is not None and not pattern.fullmatch(str(value).strip())):
+            setattr(header, keyword, "")
+    if not clean_uid(header.get("StudyInstanceUID")):
+        header.StudyInstanceUID = study_uid
+    if not clean_uid(header.get("SeriesInstanceUID")):
+        header.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["fundusrt series",
+                                                                          str(header.get("SOPInstanceUID"))])
+    meta = getattr(header, "file_meta", None)
+    if not clean_uid(header.get("SOPClassUID")) and meta is not None and clean_uid(
+            meta.get("MediaStorageSOPClassUID")):
+        header.SOPClassUID = meta.MediaStorageSOPClassUID
+    return header
+
+
 def load_sources(report: Any) -> dict[str, Any]:
-    """The source datasets (headers only) of a StudyReport or its JSON form, by SOPInstanceUID.
+    """The source headers of a StudyReport or its JSON form, by SOPInstanceUID, ready for the writers.
+
+    Each header is `result_header` of the file; sources without a StudyInstanceUID get the report's, or
+    one derived from all the sources' SOP Instance UIDs, so that SR, captures and PDF agree.
 
     Raises:
         ResultWriteError: a source file is missing, unreadable, or holds another SOPInstanceUID.
@@ -91,13 +142,15 @@ def load_sources(report: Any) -> dict[str, Any]:
             ds = pydicom.dcmread(image["source"], stop_before_pixels=True)
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise ResultWriteError(f"cannot read the source of image {uid} ({image['source']}): {exc}") from exc
-        if ds.get("SOPInstanceUID") != uid:
-            raise ResultWriteError(f"source {image['source']} holds SOPInstanceUID {ds.get('SOPInstanceUID')}, "
-                                   f"not {uid}; was the file replaced after the study was run?")
+        if not uid or ds.get("SOPInstanceUID") != uid:
+            raise ResultWriteError(f"source {image['source']} holds SOPInstanceUID {ds.get('SOPInstanceUID')!r}, "
+                                   f"not {uid!r}; was the file replaced after the study was run? (results must "
+                                   "reference their source by a well-formed SOPInstanceUID)")
         sources[uid] = ds
     if not sources:
         raise ResultWriteError("the report has no images, so there is nothing to reference")
-    return sources
+    study_uid = clean_uid(data.get("study_instance_uid")) or fallback_study_uid(list(sources))
+    return {uid: result_header(ds, study_uid) for uid, ds in sources.items()}
 
 
 def check_output_path(path: Path) -> Path:
@@ -202,7 +255,6 @@ def build_sr(report: Any, sources: Mapping[str, Any] | None = None) -> Any:
 
     Raises:
         ResultWriteError: the sources cannot be read or do not match the report.
-        FindingsError: a grounding box in the answers is malformed.
     """
     hd = require("highdicom", "writing DICOM SR")
     pydicom = require("pydicom")

@@ -167,10 +167,11 @@ class Node:
             log.error("study %s failed: %s%s", study_uid, _reason(exc),
                       "" if state == FAILED else "; newer instances arrived, running again")
             return
-        outputs = [(r.sop_instance_uid or f"json:{study_uid}:{generation}", str(r.path)) for r in results]
+        outputs = [(r.sop_instance_uid or f"json:{study_uid}:{generation}", str(r.path)) for r in results.files]
         self.state.record_outputs(study_uid, outputs)
         self.audit.write("processed", study_uid, images=len(data["images"]), errors=len(data.get("errors", [])),
-                         results=[r.path.name for r in results], seconds=round(time.perf_counter() - start, 3))
+                         results=[r.path.name for r in results.files], left_out=len(results.warnings),
+                         seconds=round(time.perf_counter() - start, 3))
         self._deliver(study_uid)
 
     def _deliver(self, study_uid: str) -> None:

@@ -59,16 +59,18 @@ def main(args: argparse.Namespace) -> int:
         except (MissingDependencyError, ValueError, OSError) as exc:
             print(f"fundusrt run: error: cannot write DICOM results: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
-        for path in written:
-            print(f"wrote {path}")
+        for result in written.files:
+            print(f"wrote {result.path}")
+        for warning in written.warnings:
+            print(f"fundusrt run: warning: {warning}", file=sys.stderr)
     return 0
 
 
-def _write_dicom(report: Any, out_dir: Path, write_pdf: bool) -> list[Path]:
-    """Write the DICOM results of `report` into `out_dir` (created if missing); returns the written paths."""
+def _write_dicom(report: Any, out_dir: Path, write_pdf: bool) -> Any:
+    """Write the DICOM results of `report` into `out_dir` (created if missing); returns `WrittenResults`."""
     from fundusrt.node.results import write_results
 
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--dicom-out {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [result.path for result in write_results(report, out_dir, write_pdf=write_pdf)]
+    return write_results(report, out_dir, write_pdf=write_pdf)
