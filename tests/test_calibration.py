@@ -159,7 +159,11 @@ def test_weight_only_int4_decoder(int8, work) -> None:
     assert manifest.precision == "int8-qdq+decoder-int4-weight"
     model = onnx.load(str(result.package_dir / manifest.components["decoder"].file))
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    # accuracy_level 4 (int8 dot products) is what makes weight-only decode fast on a CPU; without it ORT
+    # dequantises every weight on every token.
     assert nbits and all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    assert manifest.extra["quantization"]["accuracy_level"] == 4
 
 
 def test_entropy_and_percentile_handle_variable_length_decoder_feeds(int8, work, tmp_path: Path) -> None:

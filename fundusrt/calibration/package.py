@@ -176,7 +176,8 @@ def _quantise(source: Path, manifest: Manifest, calib: CalibrationSet, options: 
             summary = quantize_qdq(source / spec.file, out, calib.feeds[component], options,
                                    ranges_cache=cache / f"{component}-{options.ranges_tag()}-ranges.json")
         else:
-            summary = quantize_weight_only(source / spec.file, out, int(mode[3]), options.block_size)
+            summary = quantize_weight_only(source / spec.file, out, int(mode[3]), options.block_size,
+                                           options.accuracy_level)
         for old in (spec.file, *spec.data_files):
             (staging / old).unlink()
         data_files = {}
