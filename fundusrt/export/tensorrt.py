@@ -8,111 +8,31 @@ INT8 calibration, which 11 removed), so
 - `int8` builds a package from `fundusrt calibrate` as is: its explicit Q/DQ nodes are the INT8
   layers, the rest runs in the precision the ONNX states.
 
-Every dynamic input gets an optimisation profile: tiles 1..max for vision and connector, prompt
-lengths for embed, and two decoder profiles, `prefill` (a whole prompt over an empty or short
-cache) and `decode` (one token over a cache up to max_seq_len), which the TensorRT backend selects
-per phase. A persistent timing cache makes rebuilds fast; the workspace limit keeps Jetson builds
-inside the device's memory. The profile computation needs no TensorRT and is tested everywhere.
+Every dynamic input gets an optimisation profile (`fundusrt.runtime.backends.profiles`), with two
+decoder profiles, `prefill` and `decode`, which the TensorRT backend selects per phase. A persistent
+timing cache makes rebuilds fast; the workspace limit keeps Jetson builds inside the device's memory.
+Importing this module needs neither torch nor TensorRT: engines are built on the device, which has no torch.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fundusrt._deps import require
-from fundusrt.manifest import Manifest, PackageError, TensorSpec, atomic_write_bytes, sha256_file
+from fundusrt.manifest import Manifest, PackageError, atomic_write_bytes, sha256_file
+from fundusrt.runtime.backends.profiles import Profile, plan_profiles
 from fundusrt.runtime.backends.tensorrt import TRT_KEY, EngineTarget, current_target
 
 PRECISIONS = ("fp16", "int8")
 COMPONENTS = ("vision", "connector", "embed", "decoder")
-# Text around the image tokens assumed by the default "opt" prompt length (system + question).
-TEXT_TOKENS_OPT = 64
 
 
 class EngineBuildError(RuntimeError):
     """TensorRT could not parse or build a component; the message carries TensorRT's own errors."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimisation profile: input name -> (min, opt, max) shapes."""
-
-    name: str
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shapes": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])}
-                                              for k, v in self.shapes.items()}}
-
-
-def max_image_tiles(manifest: Manifest) -> int:
-    """Most tiles one image can produce: grid tiles plus the thumbnail / global view."""
-    tiling = manifest.preprocessing
-    return tiling.max_tiles + int(tiling.use_thumbnail)
-
-
-def _resolve(spec: TensorSpec, dims: dict[str, int], component: str) -> tuple[int, ...]:
-    shape = []
-    for dim in spec.shape:
-        if isinstance(dim, int):
-            shape.append(dim)
-        elif dim in dims:
-            shape.append(dims[dim])
-        else:
-            raise PackageError(f"{component} input {spec.name} has dynamic axis {dim!r}, which the engine builder "
-                               f"does not know (known: {sorted(dims)}); re-export the package with this fundusrt")
-    return tuple(shape)
-
-
-def _profile(name: str, inputs: list[TensorSpec], component: str, low: dict[str, int], opt: dict[str, int],
-             high: dict[str, int]) -> Profile:
-    return Profile(name, {t.name: (_resolve(t, low, component), _resolve(t, opt, component),
-                                   _resolve(t, high, component)) for t in inputs})
-
-
-def plan_profiles(manifest: Manifest, *, opt_tiles: int | None = None, opt_prompt: int | None = None
-                  ) -> dict[str, list[Profile]]:
-    """Optimisation profiles of every component from the manifest's shapes (batch is always 1).
-
-    Args:
-        manifest: the package manifest.
-        opt_tiles: tiles the vision engines are tuned for (default: the most an image produces).
-        opt_prompt: prompt length the decoder is tuned for (default: image tokens of opt_tiles + 64).
-    """
-    max_seq = manifest.decoder.max_seq_len
-    most_tiles = max_image_tiles(manifest)
-    opt_tiles = most_tiles if opt_tiles is None else opt_tiles
-    if not 1 <= opt_tiles <= most_tiles:
-        raise PackageError(f"opt_tiles must be in 1..{most_tiles}, got {opt_tiles}")
-    if opt_prompt is None:
-        opt_prompt = min(opt_tiles * manifest.prompt.tokens_per_tile + TEXT_TOKENS_OPT, max_seq)
-    if not 1 <= opt_prompt <= max_seq:
-        raise PackageError(f"opt_prompt must be in 1..{max_seq}, got {opt_prompt}")
-    comps = manifest.components
-    profiles = {
-        c: [_profile("tiles", comps[c].inputs, c, {"num_tiles": 1}, {"num_tiles": opt_tiles},
-                     {"num_tiles": most_tiles})]
-        for c in ("vision", "connector")
-    }
-    profiles["embed"] = [_profile("tokens", comps["embed"].inputs, "embed", {"batch": 1, "seq": 1},
-                                  {"batch": 1, "seq": opt_prompt}, {"batch": 1, "seq": max_seq})]
-    decoder = comps["decoder"].inputs
-    # prefill: a whole prompt over an empty cache (or a short shared prefix, as ask_many forks it).
-    prefill = _profile("prefill", decoder, "decoder",
-                       {"batch": 1, "seq": 1, "past_seq": 0, "total_seq": 1},
-                       {"batch": 1, "seq": opt_prompt, "past_seq": 0, "total_seq": opt_prompt},
-                       {"batch": 1, "seq": max_seq, "past_seq": max_seq - 1, "total_seq": max_seq})
-    # decode: one token over a cache of any length up to max_seq_len.
-    decode = _profile("decode", decoder, "decoder",
-                      {"batch": 1, "seq": 1, "past_seq": 0, "total_seq": 1},
-                      {"batch": 1, "seq": 1, "past_seq": opt_prompt, "total_seq": min(opt_prompt + 1, max_seq)},
-                      {"batch": 1, "seq": 1, "past_seq": max_seq - 1, "total_seq": max_seq})
-    profiles["decoder"] = [prefill, decode]
-    return profiles
 
 
 def check_precision(manifest: Manifest, precision: str) -> None:
@@ -135,11 +55,11 @@ def check_precision(manifest: Manifest, precision: str) -> None:
 
 
 def default_timing_cache(target: EngineTarget) -> Path:
-    """A timing cache per TensorRT version and GPU, kept beside the calibration cache."""
-    from fundusrt.calibration.package import default_cache_dir
+    """A timing cache per TensorRT version and GPU, in $FUNDUSRT_CACHE/tensorrt beside the CUDA kernel cache."""
+    from fundusrt.kernels.cuda.build import cache_dir
 
     name = f"timing-trt{target.tensorrt_version}-sm{target.compute_capability.replace('.', '')}.cache"
-    return default_cache_dir().parent / "tensorrt" / name
+    return cache_dir().parent / "tensorrt" / name
 
 
 def _fp16_copy(onnx_path: Path, workdir: Path) -> Path:
@@ -163,13 +83,17 @@ def _build_one(trt: Any, onnx_path: Path, profiles: list[Profile], workspace_byt
         raise EngineBuildError(f"TensorRT cannot parse {component} ({onnx_path.name}): {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    timing_cache = config.create_timing_cache(cache)
-    config.set_timing_cache(timing_cache, False)
-    for profile in profiles:
+    if not config.set_timing_cache(config.create_timing_cache(cache), False):
+        raise EngineBuildError(f"TensorRT rejected the timing cache for {component}; delete it or pass another "
+                               "--timing-cache")
+    for index, profile in enumerate(profiles):
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes.items():
             trt_profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(trt_profile)
+        # the profile's index must be its position: the backend selects profiles by the manifest's order
+        if config.add_optimization_profile(trt_profile) != index:
+            raise EngineBuildError(f"TensorRT rejected optimisation profile {profile.name!r} of {component}: "
+                                   f"{profile.to_dict()['shapes']}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build the {component} engine (see its log above); a larger "

@@ -50,6 +50,16 @@ def check_cuda(result: tuple, what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _free(ptr: Any, stream: Any, pooled: bool) -> None:
+    """Free device memory: stream-ordered for a pool allocation, else after the stream's work is done."""
+    drv = _driver()
+    if pooled:
+        check_cuda(drv.cuMemFreeAsync(ptr, stream), "cuMemFreeAsync")
+    else:
+        check_cuda(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        check_cuda(drv.cuMemFree(ptr), "cuMemFree")
+
+
 @dataclass
 class CudaPatches:
     """Normalised tiles in device memory, (num_tiles, 3, S, S) NCHW, owned by this object.
@@ -61,6 +71,7 @@ class CudaPatches:
         plan: the TilePlan that produced the tiles.
         stream: CUstream handle the tiles are ordered on (0 when the call synchronised).
         device: CUDA device ordinal.
+        pooled: allocated with cuMemAllocAsync (freed stream-ordered), else with cuMemAlloc.
     """
 
     ptr: int
@@ -69,11 +80,21 @@ class CudaPatches:
     plan: TilePlan
     stream: int
     device: int
+    pooled: bool
     _freed: bool = field(default=False, repr=False)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def num_tiles(self) -> int:
+        return self.shape[0]
+
+    @property
+    def pixel_values(self) -> CudaPatches:
+        """What a session takes as its pixel input: these patches themselves, bound by device pointer."""
+        return self
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
@@ -100,11 +121,11 @@ class CudaPatches:
         return out
 
     def close(self) -> None:
-        """Free the device memory (stream-ordered); safe to call twice."""
+        """Free the device memory (stream-ordered where pooled); safe to call twice."""
         if not self._freed:
             self._freed = True
             drv = _driver()
-            check_cuda(drv.cuMemFreeAsync(drv.CUdeviceptr(self.ptr), drv.CUstream(self.stream)), "cuMemFreeAsync")
+            _free(drv.CUdeviceptr(self.ptr), drv.CUstream(self.stream), self.pooled)
 
     def __enter__(self) -> CudaPatches:
         return self
@@ -137,6 +158,9 @@ class CudaPatchifier:
         major = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev), "cc")
         minor = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev), "cc")
         self.arch = 10 * major + minor
+        # cuMemAllocAsync needs stream-ordered memory pools, which not every device/driver offers
+        pools = attr.CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED
+        self.pooled = bool(check_cuda(drv.cuDeviceGetAttribute(pools, self._dev), "memory pools attribute"))
         self._ctx = check_cuda(drv.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
         self._activate()
         self._module = self._load_module()
@@ -164,7 +188,14 @@ class CudaPatchifier:
     # -- small helpers over the driver API --------------------------------------------------------
 
     def _alloc(self, nbytes: int, stream: Any) -> Any:
-        return check_cuda(_driver().cuMemAllocAsync(max(int(nbytes), 1), stream), f"cuMemAllocAsync({nbytes})")
+        drv, size = _driver(), max(int(nbytes), 1)
+        if self.pooled:
+            return check_cuda(drv.cuMemAllocAsync(size, stream), f"cuMemAllocAsync({nbytes})")
+        return check_cuda(drv.cuMemAlloc(size), f"cuMemAlloc({nbytes})")
+
+    def free(self, ptr: Any, stream: Any) -> None:
+        """Free what `_alloc` / `_upload` returned, ordered after the work queued on `stream`."""
+        _free(ptr, stream, self.pooled)
 
     def _upload(self, array: np.ndarray, stream: Any) -> Any:
         array = np.ascontiguousarray(array)
@@ -194,7 +225,7 @@ class CudaPatchifier:
         try:
             return self._roi_on_device(d_image, image.shape[0], image.shape[1], threshold, cu_stream)
         finally:
-            check_cuda(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
+            self.free(d_image, cu_stream)
 
     def _roi_on_device(self, d_image: Any, height: int, width: int, threshold: float | None,
                        stream: Any) -> tuple[int, int, int, int] | None:
@@ -212,7 +243,7 @@ class CudaPatchifier:
             check_cuda(drv.cuMemcpyDtoHAsync(sample.ctypes.data, d_sample, sample.nbytes, stream), "cuMemcpyDtoHAsync")
             check_cuda(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
         finally:
-            check_cuda(drv.cuMemFreeAsync(d_sample, stream), "cuMemFreeAsync")
+            self.free(d_sample, stream)
         return roi_from_sample(sample, step, height, width, threshold)
 
     def patchify(self, image: np.ndarray, cfg: TilingConfig, *, dtype: type | np.dtype = np.float32,
@@ -227,7 +258,7 @@ class CudaPatchifier:
             return self.patchify_on_device(int(d_image), image.shape[0], image.shape[1], cfg, dtype=dtype,
                                            stream=stream)
         finally:
-            check_cuda(drv.cuMemFreeAsync(d_image, cu_stream), "cuMemFreeAsync")
+            self.free(d_image, cu_stream)
 
     def patchify_on_device(self, image_ptr: int, height: int, width: int, cfg: TilingConfig, *,
                            dtype: type | np.dtype = np.float32, stream: int | None = None) -> CudaPatches:
@@ -255,15 +286,16 @@ class CudaPatchifier:
         try:
             self._run(temporaries, image_ptr, width, tables, lut, _DTYPES[out_dtype], out, cu_stream)
         except BaseException:
-            check_cuda(drv.cuMemFreeAsync(out, cu_stream), "cuMemFreeAsync")
+            self.free(out, cu_stream)
             raise
         finally:
             for ptr in temporaries:
-                check_cuda(drv.cuMemFreeAsync(ptr, cu_stream), "cuMemFreeAsync")
+                self.free(ptr, cu_stream)
         if stream is None:
             check_cuda(drv.cuStreamSynchronize(cu_stream), "cuStreamSynchronize")
         size = plan.tile_size
-        return CudaPatches(int(out), (plan.num_tiles, 3, size, size), out_dtype, plan, int(stream or 0), self.device)
+        return CudaPatches(int(out), (plan.num_tiles, 3, size, size), out_dtype, plan, int(stream or 0), self.device,
+                           self.pooled)
 
     def _run(self, temporaries: list, d_image: Any, width: int, tables: LaunchTables, lut: np.ndarray,
              tiles_kernel: str, out: Any, stream: Any) -> None:

@@ -18,7 +18,6 @@ from tokenizers import Tokenizer
 from fundusrt import __version__
 from fundusrt.config import GenerationConfig
 from fundusrt.dicom import Study, read_study
-from fundusrt.kernels import patchify
 from fundusrt.manifest import MANIFEST_NAME, Manifest, PackageError, sha256_file
 from fundusrt.prompt import PromptError, build_input_ids
 from fundusrt.runtime.assembly import ANYRES_MAX_KEY, assemble_anyres_unpad, load_image_newline
@@ -182,13 +181,14 @@ class Pipeline:
 
     def encode_image(self, image: np.ndarray) -> EncodedImage:
         """Patchify, vision and connector (plus any anyres assembly): the image's feature tokens."""
-        start = time.perf_counter()
-        patches = patchify(image, self.manifest.preprocessing)
-        timings = {"patchify_ms": _ms(start)}
         vision, connector = self.manifest.components["vision"], self.manifest.components["connector"]
         start = time.perf_counter()
-        features = self.sessions.vision.run({vision.inputs[0].name: patches.pixel_values})[vision.outputs[0].name]
-        timings["vision_ms"] = _ms(start)
+        # the backend's patching: on a GPU backend the tiles stay in device memory until vision has read them
+        with self.sessions.patchify(image, self.manifest.preprocessing) as patches:
+            timings = {"patchify_ms": _ms(start)}
+            start = time.perf_counter()
+            features = self.sessions.vision.run({vision.inputs[0].name: patches.pixel_values})[vision.outputs[0].name]
+            timings["vision_ms"] = _ms(start)
         start = time.perf_counter()
         embeds = self.sessions.connector.run({connector.inputs[0].name: features})[connector.outputs[0].name]
         timings["connector_ms"] = _ms(start)

@@ -11,13 +11,18 @@ continuations of one prompt are generated.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from fundusrt.config import TilingConfig
+from fundusrt.kernels import Patches, patchify
 from fundusrt.manifest import Manifest
 
 
@@ -63,9 +68,27 @@ class DecoderSession(Protocol):
         ...
 
 
+class DeviceContext(Protocol):
+    """A backend's device context (e.g. a CUDA context), which must be current on the thread that calls it."""
+
+    def activate(self) -> None:
+        """Make the context current on the calling thread."""
+        ...
+
+
+# (image, tiling) -> a context manager yielding an object with pixel_values (what the vision session takes),
+# plan and num_tiles; leaving it frees what the patches hold (device memory, for a GPU backend).
+Patchify = Callable[[np.ndarray, TilingConfig], contextlib.AbstractContextManager[Any]]
+
+
+def host_patchify(image: np.ndarray, tiling: TilingConfig) -> contextlib.AbstractContextManager[Patches]:
+    """The CPU patching path (`kernels.patchify`): numpy tiles, nothing to free."""
+    return contextlib.nullcontext(patchify(image, tiling))
+
+
 @dataclass
 class PackageSessions:
-    """What a backend opens for one package."""
+    """What a backend opens for one package; `patchify` is where the backend wants the image's tiles made."""
 
     vision: Session
     connector: Session
@@ -73,6 +96,62 @@ class PackageSessions:
     decoder: DecoderSession
     backend: str
     details: dict[str, Any] = field(default_factory=dict)
+    patchify: Patchify = host_patchify
+
+
+class _OnContext:
+    """A session whose every call first makes the backend's context current on the calling thread."""
+
+    def __init__(self, session: Session, context: DeviceContext) -> None:
+        self._session, self._context = session, context
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        self._context.activate()
+        return self._session.run(inputs)
+
+
+class _DecoderOnContext:
+    """A decoder session whose every call (forks included) first makes the backend's context current."""
+
+    def __init__(self, decoder: DecoderSession, context: DeviceContext) -> None:
+        self._decoder, self._context = decoder, context
+
+    @property
+    def seq_len(self) -> int:
+        return self._decoder.seq_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._decoder.max_seq_len
+
+    def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        self._context.activate()
+        return self._decoder.prefill(inputs_embeds)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        self._context.activate()
+        return self._decoder.decode(token_id)
+
+    def reset(self) -> None:
+        self._context.activate()
+        self._decoder.reset()
+
+    def fork(self) -> _DecoderOnContext:
+        self._context.activate()
+        return _DecoderOnContext(self._decoder.fork(), self._context)
+
+
+def bind_context(sessions: PackageSessions, context: DeviceContext) -> PackageSessions:
+    """The sessions with `context` made current before every call, on whichever thread makes it.
+
+    A CUDA context is current per thread, and a package is opened on one thread but run on others (the
+    node loads it on its main thread and runs studies on a worker), so making it current once at load
+    time is not enough.
+    """
+    return dataclasses.replace(sessions, vision=_OnContext(sessions.vision, context),
+                               connector=_OnContext(sessions.connector, context),
+                               embed=_OnContext(sessions.embed, context),
+                               decoder=_DecoderOnContext(sessions.decoder, context))
 
 
 @dataclass(frozen=True)

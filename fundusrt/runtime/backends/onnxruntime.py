@@ -24,6 +24,7 @@ import numpy as np
 from fundusrt._deps import require
 from fundusrt.manifest import DecoderSpec, Manifest, PackageError
 from fundusrt.runtime.backends.base import BackendError, PackageSessions
+from fundusrt.runtime.backends.profiles import with_trt_profiles
 
 ort = require("onnxruntime", "the ONNX Runtime backend")
 
@@ -196,7 +197,8 @@ def open_package(package_dir: Path, manifest: Manifest, *, threads: int | None,
     """Create the four sessions of a package (once; they are reused for every image and token)."""
     raw = {}
     for component, spec in manifest.components.items():
-        raw[component] = _create(package_dir / spec.file, component, providers, threads)
+        raw[component] = _create(package_dir / spec.file, component, with_trt_profiles(providers, manifest, component),
+                                 threads)
         _check_io(raw[component], manifest, component)
     device = _DEVICE_FOR_PROVIDER.get(raw["decoder"].get_providers()[0], "cpu")
     embed = OrtSession(raw["embed"], "embed")
