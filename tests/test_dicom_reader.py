@@ -324,7 +324,8 @@ def test_cli_study_json_and_text(tmp_path, capsys):
     assert cli.main(["study", str(tmp_path), "--json"]) == 0
     [entry] = json.loads(capsys.readouterr().out)
     assert set(entry) == {"file", "status", "reason", "laterality", "rows", "columns", "frames",
-                          "photometric_interpretation", "transfer_syntax", "sop_class"}
+                          "photometric_interpretation", "transfer_syntax", "sop_class", "laterality_source",
+                          "image_laterality", "image_laterality_confidence", "laterality_mismatch"}
     assert (entry["status"], entry["laterality"], entry["frames"], entry["rows"], entry["columns"]) == (
         "ok", "L", 2, 32, 40)
     assert entry["photometric_interpretation"] == "YBR_RCT"

@@ -28,9 +28,18 @@ def _line(result: FileResult) -> str:
     syntax = UID(result.transfer_syntax).name if result.transfer_syntax else "-"
     size = f"{result.columns}x{result.rows}" if result.rows and result.columns else "-"
     sop = describe_sop_class(result.sop_class) if result.sop_class else "-"
-    return (f"{result.status:<8} {result.laterality or '-':<2} {size:>10} x{result.frames:<3} "
+    # a laterality read from the picture (no tag) is marked with "*"
+    eye = (result.laterality or "-") + ("*" if result.laterality and result.laterality_source == "image" else "")
+    line = (f"{result.status:<8} {eye:<2} {size:>10} x{result.frames:<3} "
             f"{result.photometric_interpretation or '-':<14} {syntax} | {sop} | {result.file}\n"
             f"         {result.reason}")
+    if result.laterality_source == "image" and result.laterality:
+        line += (f"\n         laterality {result.laterality} read from the picture (no tag; confidence "
+                 f"{result.image_laterality_confidence:.2f})")
+    if result.laterality_mismatch:
+        line += (f"\n         WARNING: laterality tag {result.laterality} but the picture shows "
+                 f"{result.image_laterality} (confidence {result.image_laterality_confidence:.2f})")
+    return line
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,10 +24,15 @@ class FundusImage:
 
     Attributes:
         pixels: (rows, columns, 3) uint8 RGB.
-        laterality: "R", "L", or None when the file does not say.
+        laterality: the value used: the header's "R"/"L", else the picture's (see laterality_source),
+            else None.
         frame_index: 0-based frame of a multi-frame file (a stereo pair gives frames 0 and 1).
         device: "Manufacturer ModelName" as written by the modality, "" when absent.
         source: path of the file the frame came from.
+        laterality_source: "tag" (the header said) or "image" (derived from the picture, no tag).
+        image_laterality: what the picture shows: "R", "L" or "unknown" (fundusrt.dicom.laterality).
+        image_laterality_confidence: 0-1.
+        laterality_mismatch: the header and a confident picture disagree.
     """
 
     pixels: np.ndarray
@@ -44,6 +49,10 @@ class FundusImage:
     rows: int
     columns: int
     source: str
+    laterality_source: str = "tag"
+    image_laterality: str = "unknown"
+    image_laterality_confidence: float = 0.0
+    laterality_mismatch: bool = False
 
     def __repr__(self) -> str:
         # The default repr would print the whole pixel array.
@@ -72,6 +81,11 @@ class FileResult:
     photometric_interpretation: str = ""
     transfer_syntax: str = ""
     sop_class: str = ""
+    # the laterality check of the first frame (see FundusImage); laterality is the value used
+    laterality_source: str = "tag"
+    image_laterality: str = "unknown"
+    image_laterality_confidence: float = 0.0
+    laterality_mismatch: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (the `fundusrt study --json` entry)."""

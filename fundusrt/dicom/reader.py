@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from fundusrt.dicom.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_frames
+from fundusrt.dicom.laterality import check_laterality, image_laterality
 from fundusrt.dicom.model import STATUS_ERROR, STATUS_OK, STATUS_REJECTED, FileResult, FundusImage, Study
 from fundusrt.dicom.select import clean_code_string, clean_uid, select_fundus, sop_class_of
 
@@ -134,6 +135,11 @@ def read_dicom_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
         images = _images(ds, frames, name, result)
     result.status = STATUS_OK
     result.frames = len(images)
+    first = images[0]
+    result.laterality, result.laterality_source = first.laterality, first.laterality_source
+    result.image_laterality = first.image_laterality
+    result.image_laterality_confidence = first.image_laterality_confidence
+    result.laterality_mismatch = any(im.laterality_mismatch for im in images)
     result.rows, result.columns = images[0].rows, images[0].columns
     result.reason = f"{selection.reason}: {len(images)} frame(s) decoded"
     return images, result
@@ -142,9 +148,14 @@ def read_dicom_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
 def _images(ds: Dataset, frames: list[np.ndarray], name: str, result: FileResult) -> list[FundusImage]:
     device = " ".join(filter(None, (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName"))))
     device = "".join(c for c in device if c.isascii() and c.isprintable())
+    # the header's laterality is checked against each frame's picture (wrong or missing tags are a
+    # known source of clinical error); the tag still wins, a confident disagreement is flagged
+    checks = [check_laterality(result.laterality, image_laterality(pixels)) for pixels in frames]
     return [
         FundusImage(
-            pixels=pixels, laterality=result.laterality,
+            pixels=pixels, laterality=check.laterality, laterality_source=check.laterality_source,
+            image_laterality=check.image_laterality, image_laterality_confidence=check.image_laterality_confidence,
+            laterality_mismatch=check.laterality_mismatch,
             sop_instance_uid=clean_uid(_text(ds, "SOPInstanceUID")),
             series_instance_uid=clean_uid(_text(ds, "SeriesInstanceUID")),
             study_instance_uid=clean_uid(_text(ds, "StudyInstanceUID")), sop_class_uid=result.sop_class,
@@ -153,7 +164,7 @@ def _images(ds: Dataset, frames: list[np.ndarray], name: str, result: FileResult
             transfer_syntax_uid=result.transfer_syntax, frame_index=index, device=device[:_MAX_DEVICE],
             rows=int(pixels.shape[0]), columns=int(pixels.shape[1]), source=name,
         )
-        for index, pixels in enumerate(frames)
+        for index, (pixels, check) in enumerate(zip(frames, checks, strict=True))
     ]
 
 

@@ -172,6 +172,9 @@ class Pipeline:
                 answers=[QuestionAnswer(q, a.text, len(a.token_ids), a.finish_reason, a.timings)
                          for q, a in zip(questions, answers, strict=True)],
                 timings={"total_ms": _ms(image_start)},
+                laterality_source=image.laterality_source, image_laterality=image.image_laterality,
+                image_laterality_confidence=image.image_laterality_confidence,
+                laterality_mismatch=image.laterality_mismatch,
             ))
         if not results:
             raise NoFundusImageError("no fundus image of the study could be answered: "

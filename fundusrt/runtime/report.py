@@ -36,6 +36,11 @@ class ImageResult:
     num_tiles: int
     answers: list[QuestionAnswer]
     timings: dict[str, float] = field(default_factory=dict)
+    # laterality is the value used; these say where it came from and what the picture shows
+    laterality_source: str = "tag"  # "tag" or "image" (no tag: derived from the picture)
+    image_laterality: str = "unknown"  # "R", "L" or "unknown"
+    image_laterality_confidence: float = 0.0
+    laterality_mismatch: bool = False
 
 
 @dataclass
@@ -94,12 +99,25 @@ class StudyReport:
         for eye, report in self.eyes().items():
             title = EYE_NAMES.get(eye, "Eye not recorded")
             lines += ["", f"{title}: {len(report['images'])} image(s)", report["report"]]
+        lines += [line for image in self.images for line in _laterality_notes(image)]
         if self.errors:
             lines += ["", f"Not used ({len(self.errors)}):"]
             lines += [f"  {e.file}: {e.status}: {e.reason}" for e in self.errors]
         if "total_ms" in self.timings:
             lines += ["", f"Total {self.timings['total_ms'] / 1000:.1f} s"]
         return "\n".join(lines) + "\n"
+
+
+def _laterality_notes(image: ImageResult) -> list[str]:
+    """Warning and note lines about an image's laterality (mismatch with the tag, derived from the picture)."""
+    notes = []
+    if image.laterality_mismatch:
+        notes.append(f"WARNING: image {image.sop_instance_uid} is tagged {image.laterality} but the picture shows "
+                     f"{image.image_laterality} (confidence {image.image_laterality_confidence:.2f}): check the eye")
+    elif image.laterality_source == "image" and image.laterality:
+        notes.append(f"Note: image {image.sop_instance_uid} has no laterality tag; {image.laterality} was read from "
+                     f"the picture (confidence {image.image_laterality_confidence:.2f})")
+    return ["", *notes] if notes else []
 
 
 def _eye_text(images: list[ImageResult]) -> str:
