@@ -5,19 +5,20 @@ policy and dtype: CPU path ms; GPU end-to-end ms (host image upload included); G
 already on the device (CUDA events); effective bandwidth of that run (image bytes read + tile bytes
 written, the minimum traffic) against the device's peak DRAM bandwidth; torch bicubic-antialias ms.
 
-    python benchmarks/bench_cuda_patchify.py --width 4288 --height 2848 --repeat 50
+    python benchmarks/bench_cuda_patchify.py --width 4288 --height 2848 --repeat 50 [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import numpy as np
 
 from fundusrt.config import SIGLIP_MEAN, SIGLIP_STD, TilingConfig
-from fundusrt.kernels.cuda_patchify import CudaPatchifier, _check, _driver
+from fundusrt.kernels.cuda_patchify import CudaPatchifier, _driver, check_cuda
 from fundusrt.kernels.patchify import patchify
 
 POLICIES = {
@@ -32,10 +33,10 @@ POLICIES = {
 def peak_dram_gbps(device: int) -> float:
     """Theoretical DRAM bandwidth from the memory clock and bus width (DDR: two transfers per clock)."""
     drv = _driver()
-    dev = _check(drv.cuDeviceGet(device), "cuDeviceGet")
+    dev = check_cuda(drv.cuDeviceGet(device), "cuDeviceGet")
     attr = drv.CUdevice_attribute
-    clock_khz = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE, dev), "clock")
-    bus_bits = _check(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH, dev), "bus")
+    clock_khz = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE, dev), "clock")
+    bus_bits = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH, dev), "bus")
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
 
 
@@ -52,23 +53,23 @@ def median_ms(fn, repeat: int) -> float:
 def device_ms(gpu: CudaPatchifier, image: np.ndarray, cfg: TilingConfig, dtype, repeat: int) -> tuple[float, int]:
     """Median kernel-side ms for an image already on the GPU (CUDA events), and the tile bytes written."""
     drv = _driver()
-    stream = _check(drv.cuStreamCreate(0), "cuStreamCreate")
+    stream = check_cuda(drv.cuStreamCreate(0), "cuStreamCreate")
     d_image = gpu._upload(image, stream)
-    start, stop = (_check(drv.cuEventCreate(0), "cuEventCreate") for _ in range(2))
+    start, stop = (check_cuda(drv.cuEventCreate(0), "cuEventCreate") for _ in range(2))
     times = []
     nbytes = 0
     for i in range(repeat + 1):
-        _check(drv.cuEventRecord(start, stream), "cuEventRecord")
+        check_cuda(drv.cuEventRecord(start, stream), "cuEventRecord")
         out = gpu.patchify_on_device(int(d_image), image.shape[0], image.shape[1], cfg, dtype=dtype,
                                      stream=int(stream))
-        _check(drv.cuEventRecord(stop, stream), "cuEventRecord")
-        _check(drv.cuEventSynchronize(stop), "cuEventSynchronize")
+        check_cuda(drv.cuEventRecord(stop, stream), "cuEventRecord")
+        check_cuda(drv.cuEventSynchronize(stop), "cuEventSynchronize")
         nbytes = out.nbytes
         out.close()
         if i:  # the first run warms the allocator pool
-            times.append(_check(drv.cuEventElapsedTime(start, stop), "cuEventElapsedTime"))
-    _check(drv.cuMemFreeAsync(d_image, stream), "cuMemFreeAsync")
-    _check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            times.append(check_cuda(drv.cuEventElapsedTime(start, stop), "cuEventElapsedTime"))
+    gpu.free(d_image, stream)
+    check_cuda(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
     return statistics.median(times), nbytes
 
 
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=2848)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
 
     gpu = CudaPatchifier(args.device)
@@ -129,6 +131,7 @@ def main() -> None:
     print(f"image {args.width}x{args.height}, GPU sm_{gpu.arch}, peak DRAM {peak:.0f} GB/s")
     print(f"{'policy':18} {'dtype':8} {'tiles':>5} {'cpu ms':>8} {'gpu e2e':>8} {'gpu dev':>8} {'GB/s':>7} "
           f"{'%peak':>6} {'torch ms':>9}")
+    rows = []
     for name, cfg in POLICIES.items():
         for dtype in (np.float16, np.float32):
             cpu = median_ms(lambda: patchify(image, cfg, dtype=dtype), max(3, args.repeat // 10))
@@ -139,6 +142,12 @@ def main() -> None:
             tiles = out_bytes // (3 * cfg.tile_size**2 * np.dtype(dtype).itemsize)
             print(f"{name:18} {np.dtype(dtype).name:8} {tiles:5d} {cpu:8.2f} {e2e:8.2f} {dev:8.3f} {gbps:7.0f} "
                   f"{100 * gbps / peak:5.1f}% {'n/a' if ref is None else f'{ref:9.3f}':>9}")
+            rows.append({"policy": name, "dtype": np.dtype(dtype).name, "tiles": int(tiles), "cpu_ms": cpu,
+                         "gpu_e2e_ms": e2e, "gpu_device_ms": dev, "gb_per_s": gbps, "peak_dram_gb_per_s": peak,
+                         "fraction_of_peak": gbps / peak, "torch_interpolate_ms": ref})
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"image": [args.width, args.height], "arch": gpu.arch, "rows": rows}, out, indent=2)
 
 
 if __name__ == "__main__":

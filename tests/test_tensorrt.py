@@ -25,14 +25,14 @@ from fundusrt.runtime.backends.tensorrt import (
     verify_engines,
 )
 
-pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
+import onnxruntime as ort
 
 HAS_TRT = available("tensorrt") and available("cuda.bindings.driver")
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")  # exporting the package needs it; the tests without `package` do not
     from fundusrt.export import export_package
     from fundusrt.models.tiny import write_tiny_checkpoint
 
@@ -42,7 +42,7 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_profiles_cover_tiles_and_phases(package: Path) -> None:
-    from fundusrt.export.tensorrt import max_image_tiles, plan_profiles
+    from fundusrt.runtime.backends.profiles import max_image_tiles, plan_profiles
 
     manifest = Manifest.load(package)
     profiles = plan_profiles(manifest, opt_tiles=2)
@@ -83,7 +83,7 @@ def _feed(shapes: dict[str, tuple[int, ...]], session) -> dict[str, np.ndarray]:
 
 def test_every_profile_shape_runs_on_the_onnx_model(package: Path) -> None:
     """The profiles are shapes the exported graphs accept: ONNX Runtime runs each min/opt/max point."""
-    from fundusrt.export.tensorrt import plan_profiles
+    from fundusrt.runtime.backends.profiles import plan_profiles
 
     manifest = Manifest.load(package)
     for component, profiles in plan_profiles(manifest, opt_prompt=40).items():
@@ -98,7 +98,7 @@ def test_every_profile_shape_runs_on_the_onnx_model(package: Path) -> None:
 
 
 def test_profiles_reject_bad_settings_and_unknown_axes(package: Path) -> None:
-    from fundusrt.export.tensorrt import plan_profiles
+    from fundusrt.runtime.backends.profiles import plan_profiles
 
     manifest = Manifest.load(package)
     with pytest.raises(PackageError, match="opt_tiles"):
@@ -110,6 +110,35 @@ def test_profiles_reject_bad_settings_and_unknown_axes(package: Path) -> None:
     manifest.components["vision"] = dataclasses.replace(vision, inputs=[renamed])
     with pytest.raises(PackageError, match="dynamic axis 'frames'"):
         plan_profiles(manifest)
+
+
+def test_ort_trt_gets_one_covering_profile_per_component(package: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """ort-trt passes the TensorRT EP explicit ranges covering prefill and decode, so it never rebuilds mid-run."""
+    from fundusrt.runtime.backends.base import BACKENDS
+    from fundusrt.runtime.backends.profiles import covering_profile, plan_profiles, with_trt_profiles
+
+    monkeypatch.setenv("FUNDUSRT_CACHE", str(tmp_path))
+    manifest = Manifest.load(package)
+    prefill, decode = plan_profiles(manifest)["decoder"]
+    cover = covering_profile([prefill, decode])
+    for name, (low, opt, high) in cover.shapes.items():
+        assert low == tuple(map(min, prefill.shapes[name][0], decode.shapes[name][0]))
+        assert high == tuple(map(max, prefill.shapes[name][2], decode.shapes[name][2]))
+        assert opt == decode.shapes[name][1]
+    providers = BACKENDS["ort-trt"].options["providers"]
+    for component in manifest.components:
+        given = with_trt_profiles(providers, manifest, component)
+        assert given[1:] == providers[1:]
+        name, options = given[0]
+        assert name == "TensorrtExecutionProvider"
+        assert options["trt_engine_cache_path"] == str(tmp_path / "ort-trt")
+        expected = covering_profile(plan_profiles(manifest)[component])
+        for point, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+            parsed = dict(item.split(":") for item in options[key].split(","))
+            assert parsed == {n: "x".join(map(str, s[point])) for n, s in expected.shapes.items()}, key
+    cpu = BACKENDS["ort-cpu"].options["providers"]
+    assert with_trt_profiles(cpu, manifest, "decoder") == cpu
 
 
 def test_precision_rules(package: Path) -> None:
@@ -130,7 +159,7 @@ def test_precision_rules(package: Path) -> None:
 BUILT = EngineTarget("10.3.0", "Orin", "8.7")
 
 
-def _record(package: Path, tmp_path: Path) -> dict:
+def _record(tmp_path: Path) -> dict:
     engines = {}
     for component in ("vision", "connector", "embed", "decoder"):
         path = tmp_path / f"{component}.int8.engine"
@@ -139,8 +168,8 @@ def _record(package: Path, tmp_path: Path) -> dict:
     return {"precision": "int8", **dataclasses.asdict(BUILT), "engines": engines}
 
 
-def test_version_and_gpu_mismatch_messages_say_how_to_rebuild(tmp_path: Path, package: Path) -> None:
-    record = _record(package, tmp_path)
+def test_version_and_gpu_mismatch_messages_say_how_to_rebuild(tmp_path: Path) -> None:
+    record = _record(tmp_path)
     assert compatibility_problem(record, BUILT, tmp_path) is None
     message = compatibility_problem(record, EngineTarget("10.7.0", "Orin", "8.7"), tmp_path)
     assert "TensorRT 10.3.0 != 10.7.0" in message and f"fundusrt build-engines {tmp_path} --int8" in message
@@ -148,8 +177,8 @@ def test_version_and_gpu_mismatch_messages_say_how_to_rebuild(tmp_path: Path, pa
     assert "compute capability 8.7 != 9.0" in message and "'Orin'" in message and "rebuild" in message
 
 
-def test_tampered_or_missing_engine_fails_sha256(tmp_path: Path, package: Path) -> None:
-    record = _record(package, tmp_path)
+def test_tampered_or_missing_engine_fails_sha256(tmp_path: Path) -> None:
+    record = _record(tmp_path)
     verify_engines(record, tmp_path)
     (tmp_path / "decoder.int8.engine").write_bytes(b"engine bytes of decoder, patched")
     (tmp_path / "vision.int8.engine").unlink()
@@ -173,10 +202,10 @@ def test_backend_is_registered_and_explains_what_is_missing(package: Path) -> No
     reason = unavailable_reason("trt")
     if HAS_TRT:
         pytest.skip("tensorrt is installed here; the missing-dependency message does not apply")
-    assert "fundusrt[trt]" in reason
+    assert "fundusrt[gpu-cu12]" in reason and "fundusrt[jetson]" in reason
     from fundusrt.runtime.pipeline import load_package
 
-    with pytest.raises(BackendError, match="fundusrt\\[trt\\]"):
+    with pytest.raises(BackendError, match="fundusrt\\[jetson\\]"):
         load_package(package, backend="trt")
 
 
@@ -184,12 +213,12 @@ def test_backend_is_registered_and_explains_what_is_missing(package: Path) -> No
 def test_build_engines_without_tensorrt_names_the_extra(package: Path) -> None:
     from fundusrt.export.tensorrt import build_engines
 
-    with pytest.raises(MissingDependencyError, match="fundusrt\\[trt\\]"):
+    with pytest.raises(MissingDependencyError, match="fundusrt\\[gpu-cu13\\]"):
         build_engines(package, "fp16")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_TRT, reason="needs tensorrt and cuda-python (pip install 'fundusrt[trt]') and a GPU")
+@pytest.mark.skipif(not HAS_TRT, reason="needs tensorrt, cuda-python and a GPU (`fundusrt doctor` names the install profile)")
 def test_fp16_engines_match_onnxruntime(package: Path, tmp_path: Path) -> None:
     import shutil
 
