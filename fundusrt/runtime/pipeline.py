@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from fundusrt import __version__
 from fundusrt.config import GenerationConfig
 from fundusrt.dicom import Study, read_study
+from fundusrt.dicom.gradability import assess_gradability
 from fundusrt.manifest import MANIFEST_NAME, Manifest, PackageError, sha256_file
 from fundusrt.prompt import PromptError, build_input_ids
 from fundusrt.runtime.assembly import ANYRES_MAX_KEY, assemble_anyres_unpad, load_image_newline
@@ -160,21 +161,26 @@ class Pipeline:
         results = []
         for image in study.images:
             image_start = time.perf_counter()
+            # the pixel checks come first: a model shown an unusable picture still answers, and its
+            # answers would pass for a normal eye
+            grade = assess_gradability(image.pixels)
             try:
-                answers = self.ask_many(image.pixels, questions, gen)
+                asked = questions if grade.gradable else []
+                answers = self.ask_many(image.pixels, asked, gen) if asked else []
             except ValueError as exc:  # PromptError included: one unusable image must not sink the study
                 errors.append(FileError(str(image.source), "error", f"image {image.sop_instance_uid}: {exc}"))
                 continue
             results.append(ImageResult(
                 sop_instance_uid=image.sop_instance_uid, series_instance_uid=image.series_instance_uid,
                 frame_index=image.frame_index, laterality=image.laterality, source=str(image.source),
-                num_tiles=answers[0].num_tiles,
+                num_tiles=answers[0].num_tiles if answers else 0,
                 answers=[QuestionAnswer(q, a.text, len(a.token_ids), a.finish_reason, a.timings)
-                         for q, a in zip(questions, answers, strict=True)],
+                         for q, a in zip(asked, answers, strict=True)],
                 timings={"total_ms": _ms(image_start)},
                 laterality_source=image.laterality_source, image_laterality=image.image_laterality,
                 image_laterality_confidence=image.image_laterality_confidence,
                 laterality_mismatch=image.laterality_mismatch,
+                gradable=grade.gradable, gradability_reasons=grade.reasons,
             ))
         if not results:
             raise NoFundusImageError("no fundus image of the study could be answered: "

@@ -41,6 +41,9 @@ class ImageResult:
     image_laterality: str = "unknown"  # "R", "L" or "unknown"
     image_laterality_confidence: float = 0.0
     laterality_mismatch: bool = False
+    # the pixel checks of fundusrt.dicom.gradability; an ungradable image is not shown to the model
+    gradable: bool = True
+    gradability_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +75,11 @@ class StudyReport:
         for image in self.images:
             grouped.setdefault(image.laterality or UNKNOWN_EYE, []).append(image)
         return {
-            eye: {"images": [i.sop_instance_uid for i in grouped[eye]], "report": _eye_text(grouped[eye])}
+            eye: {"images": [i.sop_instance_uid for i in grouped[eye]], "report": _eye_text(grouped[eye]),
+                  # an eye with no gradable image is ungradable (retake), never a normal eye
+                  "gradable": any(i.gradable for i in grouped[eye]),
+                  "gradability_reasons": [f"image {i.sop_instance_uid}: {r}" for i in grouped[eye]
+                                          for r in i.gradability_reasons]}
             for eye in ("R", "L", UNKNOWN_EYE) if eye in grouped
         }
 
@@ -124,6 +131,8 @@ def _eye_text(images: list[ImageResult]) -> str:
     lines = []
     for n, image in enumerate(images, 1):
         prefix = f"  [image {n}] " if len(images) > 1 else "  "
+        if not image.gradable:
+            lines.append(f"{prefix}UNGRADABLE: {'; '.join(image.gradability_reasons)}")
         for qa in image.answers:
             lines.append(f"{prefix}{qa.question} {qa.answer.strip() or '(no answer)'}")
     return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""The gradability gate on a real photograph (tests/data, CC0), its degraded versions and synthetic pictures.
+
+Each degraded version is made from the real photograph in one known way, so the reason the gate gives
+must be that one; the clean photograph and everything `fundusrt.synth` draws must pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from _real_fundus import left_eye, on_canvas, right_eye
+from fundusrt.dicom.gradability import (
+    MAX_SATURATED_SHARE,
+    MIN_CONTRAST,
+    MIN_COVERAGE,
+    MIN_MEAN_LUMA,
+    MIN_SHARPNESS,
+    assess_gradability,
+)
+
+
+def scaled(gain: float, offset: float = 0.0) -> np.ndarray:
+    return np.clip(left_eye().astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
+
+
+def blurred(sigma: float) -> np.ndarray:
+    return np.asarray(Image.fromarray(left_eye()).filter(ImageFilter.GaussianBlur(sigma)))
+
+
+# (name, picture, the reason's first word, the measure that fails, its threshold)
+DEGRADED = {
+    "too-dark": (lambda: scaled(0.15), "underexposed", "mean_luma", MIN_MEAN_LUMA),
+    "burnt-out": (lambda: scaled(4.0), "overexposed", "saturated_share", MAX_SATURATED_SHARE),
+    "hazy": (lambda: scaled(0.4, 120), "low contrast", "contrast", MIN_CONTRAST),
+    "defocused": (lambda: blurred(4), "out of focus", "sharpness", MIN_SHARPNESS),
+    # the camera aimed off: only the right 40% of the field is inside the frame
+    "mostly-out-of-field": (lambda: on_canvas(left_eye()[:, 600:], 1024, 1024, 0, 0), "field not covered",
+                            "coverage", MIN_COVERAGE),
+}
+
+
+@pytest.mark.parametrize("make", [left_eye, right_eye], ids=["photo", "mirrored"])
+def test_the_real_photograph_is_gradable(make) -> None:
+    verdict = assess_gradability(make())
+    assert verdict.gradable and verdict.reasons == [], verdict
+
+
+@pytest.mark.parametrize("name", DEGRADED)
+def test_a_degraded_photograph_is_ungradable_with_the_right_reason(name: str) -> None:
+    make, reason, measure, threshold = DEGRADED[name]
+    verdict = assess_gradability(make())
+    assert not verdict.gradable
+    assert any(r.startswith(reason) for r in verdict.reasons), verdict.reasons
+    # the measure crossed its threshold on the failing side, and it did not on the clean photograph
+    clean = assess_gradability(left_eye()).measures[measure]
+    failed = verdict.measures[measure]
+    if measure == "saturated_share":
+        assert failed > threshold >= clean
+    else:
+        assert failed < threshold <= clean
+
+
+def test_mild_degradations_stay_gradable() -> None:
+    # a dimmer exposure, a field cut at top and bottom by a wide sensor and a smaller picture are still gradable
+    for image in (scaled(0.3), on_canvas(left_eye()[150:874], 1536, 724, 256, 0),
+                  np.asarray(Image.fromarray(left_eye()).resize((384, 384), Image.BICUBIC))):
+        verdict = assess_gradability(image)
+        assert verdict.gradable, verdict
+
+
+@pytest.mark.parametrize("image", [np.zeros((200, 300, 3), np.uint8), np.full((200, 300, 3), 255, np.uint8)],
+                         ids=["black", "white"])
+def test_no_field_of_view(image: np.ndarray) -> None:
+    verdict = assess_gradability(image)
+    assert not verdict.gradable and verdict.reasons[0].startswith("no field of view")
+
+
+def test_synthetic_pictures_pass_the_gate() -> None:
+    from fundusrt.synth import draw_fundus, random_case
+
+    for seed in range(12):
+        for size in ((None, None), (384, 384), (480, 320), (1600, 1200)):
+            verdict = assess_gradability(draw_fundus(random_case(seed, *size))[0])
+            assert verdict.gradable, (seed, size, verdict)
+
+
+def test_dark_image_is_reported_ungradable_and_not_shown_to_the_model(tmp_path: Path, tiny_package) -> None:
+    from test_real_photos import write_photo
+
+    from fundusrt.cli import main
+
+    _, package = tiny_package("siglip-dense", seed=0)
+    study = tmp_path / "study"
+    study.mkdir()
+    write_photo(study / "right.dcm", right_eye(), "R")
+    write_photo(study / "left-dark.dcm", scaled(0.15), "L")
+    out = tmp_path / "findings.json"
+    assert main(["run", str(study), "--package", str(package), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    by_eye = {i["laterality"]: i for i in report["images"]}
+    assert by_eye["R"]["gradable"] and by_eye["R"]["answers"]
+    dark = by_eye["L"]
+    assert not dark["gradable"] and dark["answers"] == []
+    assert dark["gradability_reasons"][0].startswith("underexposed")
+    assert report["eyes"]["L"]["gradable"] is False and report["eyes"]["R"]["gradable"] is True
