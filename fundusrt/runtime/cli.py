@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--package", required=True, help="model package directory (from `fundusrt export`)")
     parser.add_argument("--question", action="append", dest="questions", metavar="Q",
                         help="question to ask about every image (repeatable; default: the package's questions)")
+    parser.add_argument("--protocol", type=Path, metavar="FILE",
+                        help="screening protocol JSON (default: the package's protocol.json, else the shipped "
+                             "default: fundusrt/runtime/protocols/synthetic-screening.json)")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="also write the report as JSON to OUT")
     parser.add_argument("--dicom-out", type=Path, metavar="DIR",
                         help="also write DICOM results into DIR: a Comprehensive SR, a Secondary Capture with the "
@@ -44,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     source = args.study[0] if len(args.study) == 1 else args.study
     try:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
-        pipeline = load_package(args.package, backend=args.backend, threads=args.threads)
+        pipeline = load_package(args.package, backend=args.backend, threads=args.threads, protocol=args.protocol)
         report = pipeline.run_study(source, args.questions, gen)
         if args.json_out:
             report.write_json(args.json_out)

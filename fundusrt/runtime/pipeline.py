@@ -24,7 +24,19 @@ from fundusrt.prompt import PromptError, build_input_ids
 from fundusrt.runtime.assembly import ANYRES_MAX_KEY, assemble_anyres_unpad, load_image_newline
 from fundusrt.runtime.backends.base import DecoderSession, PackageSessions, open_package
 from fundusrt.runtime.generation import TextStream, generate_tokens
-from fundusrt.runtime.report import FileError, ImageResult, QuestionAnswer, StudyReport
+from fundusrt.runtime.protocol import (
+    DEFAULT_PROTOCOL,
+    PROTOCOL_NAME,
+    Protocol,
+    gradability_item_reason,
+    item_result,
+    load_protocol,
+    option_token_ids,
+    probabilities,
+    screen_eye,
+    screening_summary,
+)
+from fundusrt.runtime.report import UNKNOWN_EYE, FileError, ImageResult, QuestionAnswer, StudyReport
 from fundusrt.runtime.sampling import sampler_from_config
 
 # Asked when neither the caller nor the package names questions.
@@ -51,6 +63,25 @@ class Answer:
 
 
 @dataclass
+class ItemScore:
+    """A closed protocol item scored on one image.
+
+    Attributes:
+        log_likelihoods: per option, the sum of the log-softmax of its tokens after the prompt.
+        probabilities: the same normalised over the item's options (they sum to 1).
+    """
+
+    item_id: str
+    log_likelihoods: dict[str, float]
+    probabilities: dict[str, float]
+    scoring_ms: float = 0.0
+
+
+# (item id, question, option answers, their token ids): an item ready to score
+_ScoringTask = tuple[str, str, list[str], list[list[int]]]
+
+
+@dataclass
 class EncodedImage:
     """An image's feature tokens, ready to splice into a prompt, with the stage timings."""
 
@@ -61,6 +92,12 @@ class EncodedImage:
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    values = logits.astype(np.float64)
+    shifted = values - values.max()
+    return shifted - np.log(np.exp(shifted).sum())
 
 
 def _common_prefix(sequences: Sequence[np.ndarray]) -> int:
@@ -76,8 +113,11 @@ class Pipeline:
     """A loaded model package: sessions created once, reused for every image and question."""
 
     def __init__(self, package_dir: Path, manifest: Manifest, sessions: PackageSessions, tokenizer: Tokenizer,
-                 manifest_sha256: str, image_newline: np.ndarray | None = None) -> None:
+                 manifest_sha256: str, image_newline: np.ndarray | None = None,
+                 protocol: Protocol | None = None) -> None:
         self.package_dir = package_dir
+        # the screening protocol run_study scores (see load_package for which one)
+        self.protocol = protocol or load_protocol(DEFAULT_PROTOCOL)
         self.image_newline = image_newline
         self.manifest = manifest
         self.sessions = sessions
@@ -116,11 +156,34 @@ class Pipeline:
         """
         if not questions:
             raise ValueError("no questions to ask")
-        gen = gen or GenerationConfig()
-        encoded = self.encode_image(image)
-        prompts = [self.prompt_embeds(encoded, q) for q in questions]
+        return self._answer_and_score(self.encode_image(image), questions, [], gen or GenerationConfig(), on_token)[0]
+
+    def score(self, image: np.ndarray, protocol: Protocol | None = None) -> dict[str, ItemScore]:
+        """The probability of every option of every item of a protocol (default: the pipeline's) on one image.
+
+        Raises:
+            ProtocolError: the protocol does not fit this package.
+        """
+        tasks = self._scoring_tasks(protocol or self.protocol)
+        return self._answer_and_score(self.encode_image(image), [], tasks, GenerationConfig(), None)[1]
+
+    def _scoring_tasks(self, protocol: Protocol) -> list[_ScoringTask]:
+        option_ids = option_token_ids(protocol, self.manifest.prompt, self.tokenizer,
+                                      self.manifest.decoder.max_seq_len, self.manifest.name)
+        return [(item.id, item.question, item.answers, option_ids[item.id]) for item in protocol.items]
+
+    def _answer_and_score(self, encoded: EncodedImage, questions: Sequence[str], tasks: Sequence[_ScoringTask],
+                          gen: GenerationConfig, on_token: Callable[[str], None] | None,
+                          ) -> tuple[list[Answer], dict[str, ItemScore]]:
+        """Free-text answers to `questions` and option scores of `tasks` (item id order), all on one image.
+
+        The prompt up to the first difference between all prompts (system text, image tokens) is
+        prefilled once; each question and item continues from a fork of that cache, and each option
+        of an item from a fork of the item's prompt (the decoder protocol is batch 1).
+        """
+        prompts = [self.prompt_embeds(encoded, q) for q in [t[1] for t in tasks] + list(questions)]
         shared = _common_prefix([ids for ids, _ in prompts]) if len(prompts) > 1 else 0
-        shared = min(shared, min(len(ids) for ids, _ in prompts) - 1)  # each question prefills >= 1 token
+        shared = min(shared, min(len(ids) for ids, _ in prompts) - 1)  # each prompt prefills >= 1 token
         decoder = self.sessions.decoder
         decoder.reset()
         prefix_ms = 0.0
@@ -128,32 +191,61 @@ class Pipeline:
             start = time.perf_counter()
             decoder.prefill(prompts[0][1][:, :shared])
             prefix_ms = _ms(start)
+
+        def continuation() -> DecoderSession:
+            if shared > 0:
+                return decoder.fork()
+            decoder.reset()
+            return decoder
+
+        scores = {}
+        for (_, embeds), (item_id, _, options, option_ids) in zip(prompts[:len(tasks)], tasks, strict=True):
+            start = time.perf_counter()
+            item_session = continuation()
+            first = _log_softmax(item_session.prefill(embeds[:, shared:]))
+            log_likelihoods = {}
+            for option, ids in zip(options, option_ids, strict=True):
+                total = float(first[ids[0]])
+                if len(ids) > 1:  # later tokens need the earlier ones in the cache: a branch per option
+                    branch = item_session.fork()
+                    for previous, token in zip(ids, ids[1:], strict=False):
+                        total += float(_log_softmax(branch.decode(previous))[token])
+                log_likelihoods[option] = total
+            probs = probabilities(list(log_likelihoods.values()))
+            scores[item_id] = ItemScore(item_id, log_likelihoods, dict(zip(options, probs.tolist(), strict=True)),
+                                        _ms(start))
         answers = []
-        for (ids, embeds), question in zip(prompts, questions, strict=True):
-            fork = decoder.fork() if shared > 0 else decoder
-            if shared == 0:
-                fork.reset()
-            answer = self._generate(fork, ids, embeds[:, shared:], encoded.num_tiles, gen, on_token)
+        for (ids, embeds), question in zip(prompts[len(tasks):], questions, strict=True):
+            answer = self._generate(continuation(), ids, embeds[:, shared:], encoded.num_tiles, gen, on_token)
             answer.timings = {**encoded.timings, "shared_prefill_ms": prefix_ms, **answer.timings}
             answers.append(answer)
-        return answers
+        return answers, scores
 
     def run_study(self, source: str | Path | Sequence[str | Path] | Study, questions: Sequence[str] | None = None,
                   gen: GenerationConfig | None = None) -> StudyReport:
-        """Answer the questions for every fundus image of a study and assemble the report.
+        """Screen every fundus image of a study with the pipeline's protocol, answer the free-text questions,
+        and assemble the report with the per-eye and patient decisions.
+
+        Each image first goes through the pixel gradability checks; a gradable one has every protocol
+        item scored and the questions answered, all from one encoding and one shared prefill.
 
         Args:
             source: a DICOM file, a folder, a list of files, or an already read Study.
-            questions: defaults to the package's default questions, else DEFAULT_QUESTIONS.
+            questions: free-text questions; default: the protocol's report questions, else the package's
+                default questions, else DEFAULT_QUESTIONS.
             gen: decoding settings.
 
         Raises:
             NoFundusImageError: the study has no fundus image, or none could be answered; the
                 message says why for each file.
+            ProtocolError: the protocol does not fit this package.
         """
         start = time.perf_counter()
         study = source if isinstance(source, Study) else read_study(source)
-        questions = list(questions or self.default_questions)
+        protocol = self.protocol
+        tasks = self._scoring_tasks(protocol)
+        questions = list(questions or protocol.report_questions or self.default_questions)
+        gen = gen or GenerationConfig()
         errors = [FileError(str(f.file), f.status, f.reason) for f in study.errors()]
         if not study.images:
             detail = "; ".join(f"{e.file}: {e.status}: {e.reason}" for e in errors) or "no files were found"
@@ -164,29 +256,44 @@ class Pipeline:
             # the pixel checks come first: a model shown an unusable picture still answers, and its
             # answers would pass for a normal eye
             grade = assess_gradability(image.pixels)
+            asked, answers, items, num_tiles, scoring_ms = [], [], {}, 0, 0.0
             try:
-                asked = questions if grade.gradable else []
-                answers = self.ask_many(image.pixels, asked, gen) if asked else []
+                if grade.gradable:
+                    asked = questions
+                    encoded = self.encode_image(image.pixels)
+                    answers, scores = self._answer_and_score(encoded, asked, tasks, gen, None)
+                    num_tiles = encoded.num_tiles
+                    items = {s.item_id: item_result(protocol.item(s.item_id), s.probabilities) for s in scores.values()}
+                    scoring_ms = sum(s.scoring_ms for s in scores.values())
             except ValueError as exc:  # PromptError included: one unusable image must not sink the study
                 errors.append(FileError(str(image.source), "error", f"image {image.sop_instance_uid}: {exc}"))
                 continue
+            model_says = gradability_item_reason(protocol, items)
             results.append(ImageResult(
                 sop_instance_uid=image.sop_instance_uid, series_instance_uid=image.series_instance_uid,
                 frame_index=image.frame_index, laterality=image.laterality, source=str(image.source),
-                num_tiles=answers[0].num_tiles if answers else 0,
+                num_tiles=num_tiles,
                 answers=[QuestionAnswer(q, a.text, len(a.token_ids), a.finish_reason, a.timings)
                          for q, a in zip(asked, answers, strict=True)],
-                timings={"total_ms": _ms(image_start)},
+                timings={"scoring_ms": scoring_ms, "total_ms": _ms(image_start)},
                 laterality_source=image.laterality_source, image_laterality=image.image_laterality,
                 image_laterality_confidence=image.image_laterality_confidence,
                 laterality_mismatch=image.laterality_mismatch,
-                gradable=grade.gradable, gradability_reasons=grade.reasons,
+                gradable=grade.gradable and model_says is None, items=items,
+                gradability_reasons=grade.reasons + ([model_says] if model_says else []),
             ))
         if not results:
             raise NoFundusImageError("no fundus image of the study could be answered: "
                                      + "; ".join(f"{e.file}: {e.reason}" for e in errors))
+        by_eye: dict[str, list[dict]] = {}
+        for result in results:
+            by_eye.setdefault(result.laterality or UNKNOWN_EYE, []).append(
+                {"gradable": result.gradable, "items": result.items})
+        eyes = {eye: screen_eye(protocol, entries) for eye, entries in by_eye.items()}
         return StudyReport(study_instance_uid=study.study_instance_uid, package=self.package_info(),
-                           images=results, errors=errors, timings={"total_ms": _ms(start)})
+                           images=results, errors=errors, timings={"total_ms": _ms(start)},
+                           screening=screening_summary(protocol, [e["decision"] for e in eyes.values()]),
+                           eye_screening=eyes)
 
     def encode_image(self, image: np.ndarray) -> EncodedImage:
         """Patchify, vision and connector (plus any anyres assembly): the image's feature tokens."""
@@ -260,17 +367,21 @@ class Pipeline:
         })
 
 
-def load_package(path: str | Path, backend: str = "ort-cpu", threads: int | None = None) -> Pipeline:
+def load_package(path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
+                 protocol: str | Path | Protocol | None = None) -> Pipeline:
     """Verify a model package (sha256 of every file) and open it with a backend.
 
     Args:
         path: the package directory (holding manifest.json).
         backend: a registered backend name ("ort-cpu", "ort-cuda", "ort-trt").
         threads: intra-op threads per session (None: the backend's default).
+        protocol: the screening protocol (a file or a loaded one); default: the package's own
+            protocol.json when it carries one, else the shipped default protocol.
 
     Raises:
         PackageError: the package is missing, malformed, tampered with, or uses an unsupported layout.
         BackendError: the backend is unknown or not installed here.
+        ProtocolError: the protocol file is invalid.
     """
     package_dir = Path(path)
     manifest = Manifest.load(package_dir)
@@ -283,6 +394,9 @@ def load_package(path: str | Path, backend: str = "ort-cpu", threads: int | None
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         raise PackageError(f"cannot read the package tokenizer {manifest.tokenizer}: {exc}") from exc
     image_newline = load_image_newline(package_dir, manifest)
+    if not isinstance(protocol, Protocol):
+        own = package_dir / PROTOCOL_NAME
+        protocol = load_protocol(protocol if protocol is not None else own if own.is_file() else DEFAULT_PROTOCOL)
     sessions = open_package(backend, package_dir, manifest, threads=threads)
     return Pipeline(package_dir, manifest, sessions, tokenizer, sha256_file(package_dir / MANIFEST_NAME),
-                    image_newline)
+                    image_newline, protocol)

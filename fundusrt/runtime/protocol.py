@@ -273,12 +273,13 @@ def _eye_item(item: Item, per_image: list[Mapping[str, float]]) -> dict[str, flo
     return dict(max(per_image, key=lambda p: sum(p[a] for a in item.positive)))
 
 
-def image_gradable(protocol: Protocol, pixels_gradable: bool, items: Mapping[str, Mapping[str, Any]]) -> bool:
-    """An image is gradable when it passed the pixel checks and, if the protocol asks, the model agrees."""
+def gradability_item_reason(protocol: Protocol, items: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Why the protocol's gradability item, if it has one, finds a scored image ungradable; None when it does not."""
     gate = next((i for i in protocol.items if i.role == "gradability"), None)
-    if not pixels_gradable or gate is None or gate.id not in items:
-        return pixels_gradable
-    return sum(items[gate.id]["probabilities"][a] for a in gate.positive) >= 0.5
+    if gate is None or gate.id not in items:
+        return None
+    p_gradable = sum(items[gate.id]["probabilities"][a] for a in gate.positive)
+    return None if p_gradable >= 0.5 else f"model: P(gradable) {p_gradable:.2f} < 0.5 ({gate.id})"
 
 
 def screen_eye(protocol: Protocol, images: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

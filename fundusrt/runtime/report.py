@@ -44,6 +44,8 @@ class ImageResult:
     # the pixel checks of fundusrt.dicom.gradability; an ungradable image is not shown to the model
     gradable: bool = True
     gradability_reasons: list[str] = field(default_factory=list)
+    # protocol items scored on this image: {ITEM_ID: {"answer", "code", "probabilities": {OPTION: p}}}
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +62,9 @@ class StudyReport:
     """Everything `Pipeline.run_study` produced for one study.
 
     `eyes` is derived from `images`: per laterality ("R", "L", and "unknown" when an image has none),
-    the answers of that eye's images assembled into a short text.
+    the answers of that eye's images assembled into a short text, plus the eye's screening result.
+    `screening` is the patient-level result: {"protocol": {name, version, sha256}, "decision",
+    "threshold", ...} (fundusrt.runtime.protocol.screening_summary).
     """
 
     study_instance_uid: str | None
@@ -68,9 +72,13 @@ class StudyReport:
     images: list[ImageResult]
     errors: list[FileError]
     timings: dict[str, float] = field(default_factory=dict)
+    screening: dict[str, Any] = field(default_factory=dict)
+    # per eye: {"decision", "gradable", "items", "referral_probability"} (fundusrt.runtime.protocol.screen_eye)
+    eye_screening: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def eyes(self) -> dict[str, dict[str, Any]]:
-        """Per-eye reports: {laterality: {"images": [sop uids], "report": text}}, in R, L, unknown order."""
+        """Per-eye reports: {laterality: {"images": [sop uids], "report": text, "gradable", "gradability_reasons",
+        and the screening keys "decision", "items", "referral_probability"}}, in R, L, unknown order."""
         grouped: dict[str, list[ImageResult]] = {}
         for image in self.images:
             grouped.setdefault(image.laterality or UNKNOWN_EYE, []).append(image)
@@ -79,7 +87,8 @@ class StudyReport:
                   # an eye with no gradable image is ungradable (retake), never a normal eye
                   "gradable": any(i.gradable for i in grouped[eye]),
                   "gradability_reasons": [f"image {i.sop_instance_uid}: {r}" for i in grouped[eye]
-                                          for r in i.gradability_reasons]}
+                                          for r in i.gradability_reasons],
+                  **self.eye_screening.get(eye, {})}
             for eye in ("R", "L", UNKNOWN_EYE) if eye in grouped
         }
 
@@ -88,6 +97,7 @@ class StudyReport:
         return {
             "study_instance_uid": self.study_instance_uid,
             "package": self.package,
+            "screening": self.screening,
             "images": [asdict(i) for i in self.images],
             "eyes": self.eyes(),
             "errors": [asdict(e) for e in self.errors],
@@ -103,9 +113,19 @@ class StudyReport:
     def render_text(self) -> str:
         """A plain-text rendering: per-eye reports, then files that could not be used."""
         lines = [f"Study {self.study_instance_uid or '(no StudyInstanceUID)'} - model {self.package.get('name', '?')}"]
+        if self.screening:
+            protocol = self.screening["protocol"]
+            lines.append(f"Screening decision: {_decision_text(self.screening['decision'])} (protocol {protocol['name']} "
+                         f"{protocol['version']}, referral threshold {self.screening['threshold']:.2f})")
         for eye, report in self.eyes().items():
             title = EYE_NAMES.get(eye, "Eye not recorded")
-            lines += ["", f"{title}: {len(report['images'])} image(s)", report["report"]]
+            lines += ["", f"{title}: {len(report['images'])} image(s)"]
+            if "decision" in report:
+                lines.append(f"  Decision: {_decision_text(report['decision'])}" + (
+                    f" (P = {report['referral_probability']:.2f})" if report["referral_probability"] is not None else ""))
+                lines += [f"  {item_id}: {item['answer']} ({item['probabilities'][item['answer']]:.2f})"
+                          for item_id, item in report["items"].items()]
+            lines.append(report["report"])
         lines += [line for image in self.images for line in _laterality_notes(image)]
         if self.errors:
             lines += ["", f"Not used ({len(self.errors)}):"]
@@ -113,6 +133,11 @@ class StudyReport:
         if "total_ms" in self.timings:
             lines += ["", f"Total {self.timings['total_ms'] / 1000:.1f} s"]
         return "\n".join(lines) + "\n"
+
+
+def _decision_text(decision: str) -> str:
+    return {"refer": "REFER", "no_refer": "no referral (rescreen)",
+            "ungradable": "UNGRADABLE (retake the photograph)"}.get(decision, decision)
 
 
 def _laterality_notes(image: ImageResult) -> list[str]:

@@ -1,0 +1,115 @@
+"""Option scoring (the probability of each closed answer) against a direct PyTorch computation.
+
+The reference runs the PyTorch model once over prompt + option with no cache and sums the log-softmax
+of the option's tokens; the runtime scores from the image's shared KV prefix with forks per option.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fundusrt.kernels import patchify
+from fundusrt.prompt import build_input_ids
+from fundusrt.runtime.pipeline import Pipeline, load_package
+from fundusrt.runtime.protocol import DEFAULT_PROTOCOL, parse_protocol
+
+torch = pytest.importorskip("torch")
+
+SINGLE = ["A", "B", "C"]
+MULTI = ["proliferative retinopathy", "no apparent retinopathy", "Left"]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_package) -> tuple[Path, Path]:
+    return tiny_package("siglip-dense", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(built: tuple[Path, Path]) -> Pipeline:
+    return load_package(built[1], threads=1)
+
+
+def protocol_with(items: dict[str, list[str]]):
+    data = json.loads(DEFAULT_PROTOCOL.read_text())
+    code = {"value": "x", "scheme": "99FUNDUSRT", "meaning": "x"}
+    data["items"] = [{"id": item_id, "role": "grade", "question": f"Question {n}: which one?", "concept": code,
+                      "options": [{"answer": a, "code": code} for a in answers]}
+                     for n, (item_id, answers) in enumerate(items.items())]
+    data["referral"] = {"item": "single", "positive": ["C"], "threshold": 0.5}
+    return parse_protocol(data)
+
+
+def reference_log_likelihood(model, pipe: Pipeline, image: np.ndarray, question: str, option: str) -> float:
+    """log P(option | prompt) from one uncached forward pass over prompt + option."""
+    patches = patchify(image, pipe.manifest.preprocessing)
+    prompt = build_input_ids(pipe.manifest.prompt, pipe.tokenizer, question,
+                             [patches.num_tiles * pipe.manifest.prompt.tokens_per_tile])
+    option_ids = pipe.tokenizer.encode(option, add_special_tokens=False).ids
+    ids = torch.from_numpy(np.concatenate([prompt, option_ids]))[None]
+    with torch.inference_mode():
+        embeds = model.prompt_embeds(ids, torch.from_numpy(patches.pixel_values))
+        logits = model.language_model(inputs_embeds=embeds).logits[0].double()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    # the logits at position p predict token p + 1
+    return float(sum(log_probs[len(prompt) - 1 + k, t] for k, t in enumerate(option_ids)))
+
+
+def test_option_scores_equal_the_pytorch_reference(pipe: Pipeline, built: tuple[Path, Path]) -> None:
+    from fundusrt.models import load
+
+    model = load(built[0])
+    protocol = protocol_with({"single": SINGLE, "multi": MULTI})
+    lengths = {a: len(pipe.tokenizer.encode(a, add_special_tokens=False).ids) for a in SINGLE + MULTI}
+    assert all(lengths[a] == 1 for a in SINGLE) and all(lengths[a] > 1 for a in MULTI[:2]), lengths
+    image = np.random.default_rng(5).integers(0, 256, (96, 120, 3), dtype=np.uint8)
+    scores = pipe.score(image, protocol)
+    for item in protocol.items:
+        ours = scores[item.id]
+        expected = {a: reference_log_likelihood(model, pipe, image, item.question, a) for a in item.answers}
+        worst = max(abs(ours.log_likelihoods[a] - expected[a]) for a in item.answers)
+        assert worst < 1e-4, f"{item.id}: log-likelihood max abs diff {worst:.3g} ({ours.log_likelihoods} vs {expected})"
+        reference = np.exp(np.array(list(expected.values())) - max(expected.values()))
+        reference /= reference.sum()
+        np.testing.assert_allclose(list(ours.probabilities.values()), reference, atol=1e-4)
+        assert sum(ours.probabilities.values()) == pytest.approx(1.0)
+
+
+
+def test_study_report_screens_each_eye(pipe: Pipeline, tmp_path: Path) -> None:
+    from _real_fundus import left_eye, right_eye
+    from test_real_photos import write_photo
+
+    from fundusrt.dicom import read_study
+
+    write_photo(tmp_path / "right.dcm", right_eye(), "R")
+    write_photo(tmp_path / "left-dark.dcm", (left_eye() * 0.15).astype(np.uint8), "L")
+    study = read_study(tmp_path)
+    data = pipe.run_study(study).to_dict()
+    protocol = pipe.protocol
+    screening = data["screening"]
+    assert screening["protocol"] == protocol.identity() and screening["threshold"] == protocol.referral.threshold
+    left, right = data["eyes"]["L"], data["eyes"]["R"]
+    assert (left["decision"], left["gradable"], left["items"]) == ("ungradable", False, {})
+    assert right["gradable"] and list(right["items"]) == [i.id for i in protocol.items]
+    # one image per eye: the eye's items are the image's, and equal scoring and asking that image on its own
+    pixels = next(i.pixels for i in study.images if i.laterality == "R")
+    alone = pipe.score(pixels)
+    for item_id, item in right["items"].items():
+        assert sum(item["probabilities"].values()) == pytest.approx(1.0)
+        np.testing.assert_allclose(list(item["probabilities"].values()),
+                                   list(alone[item_id].probabilities.values()), atol=1e-6)
+        assert item["answer"] == max(item["probabilities"], key=item["probabilities"].get)
+        assert item["code"] == protocol.item(item_id).option(item["answer"]).code.to_dict()
+    image = next(i for i in data["images"] if i["laterality"] == "R")
+    question = protocol.report_questions[0]
+    assert [a["question"] for a in image["answers"]] == [question]
+    assert image["answers"][0]["answer"] == pipe.ask(pixels, question).text
+    refer = right["referral_probability"] >= protocol.referral.threshold
+    assert right["decision"] == ("refer" if refer else "no_refer")
+    assert screening["decision"] == ("refer" if refer else "ungradable")  # the dark left eye is never "normal"
+    text = pipe.run_study(study).render_text()
+    assert "Decision: UNGRADABLE" in text and f"Screening decision: {'REFER' if refer else 'UNGRADABLE'}" in text
