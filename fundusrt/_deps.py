@@ -14,6 +14,7 @@ _EXTRA_FOR: dict[str, str | tuple[str, ...]] = {
     "safetensors": "export",
     "onnx": "export",
     "onnxscript": "export",
+    "onnxruntime_genai": "export",
     "peft": "train",
     "tensorrt": GPU_PROFILES,
     "cuda": GPU_PROFILES,

@@ -10,6 +10,9 @@ exporter writes):
 - decoder:   inputs_embeds (batch, seq, hidden), attention_mask (batch, past+seq) int64,
              position_ids (batch, seq) int64, past_key_values.%d.key/value (batch, kv_heads, past, head_dim)
              -> logits (batch, 1, vocab) for the last position, present.%d.key/value (batch, kv_heads, past+seq, head_dim)
+             With `decoder.kv_cache == "shared"` (onnxruntime-genai decoders: GroupQueryAttention), position_ids
+             is absent, logits cover every new position, and past and present are one (batch, kv_heads,
+             max_seq_len, head_dim) buffer written in place; attention_mask (batch, past+seq) says how much is valid.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from fundusrt.config import TilingConfig, from_dict
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 COMPONENTS = ("vision", "connector", "embed", "decoder")
+# "concat": presents are past + new (a new buffer each step); "shared": one max_seq_len buffer updated in place.
+KV_CACHE_LAYOUTS = ("concat", "shared")
 
 
 class PackageError(Exception):
@@ -83,8 +88,11 @@ class DecoderSpec:
     past_value: str = "past_key_values.%d.value"
     present_key: str = "present.%d.key"
     present_value: str = "present.%d.value"
+    kv_cache: str = "concat"
 
     def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHE_LAYOUTS:
+            raise PackageError(f"decoder.kv_cache must be one of {KV_CACHE_LAYOUTS}, got {self.kv_cache!r}")
         for name in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise PackageError(f"decoder.{name} must be positive, got {getattr(self, name)}")

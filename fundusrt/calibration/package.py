@@ -270,3 +270,45 @@ def calibrate_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return CalibrationResult(package_dir=out, gate=report, cache_dir=cache, cache_hit=hit)
+
+
+def gate_package(
+    package_dir: str | Path,
+    reference_dir: str | Path,
+    *,
+    prompts_file: str | Path | None = None,
+    thresholds: GateThresholds | None = None,
+    settings: CalibrationSettings | None = None,
+    holdout: Sequence[str | Path] | None = None,
+    threads: int | None = None,
+) -> GateReport:
+    """Gate a package quantised elsewhere (`fundusrt export --decoder int4`) against its reference package.
+
+    The verdict, figures and the reference's identity are written into the package's manifest (atomically)
+    whether it passes or not, so that `fundusrt run` and reports can say whether it was gated and how.
+
+    Args:
+        package_dir: the quantised package; its manifest is updated.
+        reference_dir: the package it must answer like (the fp32 or 16-bit export of the same checkpoint).
+        prompts_file, thresholds, settings, holdout, threads: as for `calibrate_package`.
+    """
+    package, reference_path = Path(package_dir), Path(reference_dir)
+    thresholds, settings = thresholds or GateThresholds(), settings or CalibrationSettings()
+    if package.resolve() == reference_path.resolve():
+        raise CalibrationError("the reference must be another package (the unquantised export)")
+    reference = load_package(reference_path, "ort-cpu", threads=threads)
+    candidate = load_package(package, "ort-cpu", threads=threads)
+    if reference.manifest.decoder.vocab_size != candidate.manifest.decoder.vocab_size:
+        raise CalibrationError("the reference package has another vocabulary: gate against the export of the "
+                               "same checkpoint")
+    prompts = load_prompts(prompts_file, reference.default_questions)
+    with tempfile.TemporaryDirectory(prefix="fundusrt-gate.") as workdir:
+        images, kind = _holdout_images(holdout, settings, [], Path(workdir))
+        report = evaluate_gate(reference, candidate, images, prompts, thresholds, max_new_tokens=settings.gate_tokens)
+    report.holdout["source"] = kind
+    manifest = Manifest.load(package)
+    manifest.extra[GATE_KEY] = {**report.to_dict(), "forced": False, "reference": {
+        "name": reference.manifest.name, "precision": reference.manifest.precision,
+        "manifest_sha256": reference.manifest_sha256}}
+    manifest.save(package)
+    return report

@@ -9,6 +9,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from fundusrt.export.genai import GenaiDecoderOptions, build_genai_decoder
 from fundusrt.export.onnx import OPSET, component_exports, decoder_spec, export_component
 from fundusrt.manifest import (
     COMPONENTS,
@@ -52,7 +53,7 @@ def _component_spec(path: Path, data: list[Path]) -> ComponentSpec:
 
 def _tool_versions() -> dict[str, str]:
     versions = {"onnx_opset": str(OPSET)}
-    for dist in ("torch", "transformers", "onnx", "onnxscript", "fundusrt"):
+    for dist in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime-genai", "fundusrt"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -75,7 +76,8 @@ def _write_image_newline(model: LVLM, staging: Path, connector: ComponentSpec) -
 
 
 def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: int = 4096,
-                   max_tiles: int | None = None, overwrite: bool = False) -> Path:
+                   max_tiles: int | None = None, overwrite: bool = False,
+                   genai_decoder: GenaiDecoderOptions | None = None) -> Path:
     """Export a checkpoint into a model package.
 
     The package is assembled in a temporary sibling directory and renamed into place at the end,
@@ -87,6 +89,8 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         max_seq_len: longest prompt + answer the runtime may run (sizes its KV cache).
         max_tiles: most grid tiles per image (default: the checkpoint's tiling.max_tiles).
         overwrite: replace an existing `out_dir`.
+        genai_decoder: build the decoder with onnxruntime-genai (weight-only INT4/INT8 or fp32, KV cache
+            written in place) instead of exporting it with torch.
 
     Returns:
         the package directory.
@@ -110,18 +114,28 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    extra: dict[str, object] = {}
+    spec = decoder_spec(model, max_seq_len)
+    if genai_decoder is not None:
+        spec = dataclasses.replace(spec, kv_cache="shared")
     try:
         components = {}
         for name, component in component_exports(model).items():
-            path, *data = export_component(component, staging / f"{name}.onnx")
+            if name == "decoder" and genai_decoder is not None:
+                path, *data = build_genai_decoder(model, staging, spec, genai_decoder)
+            else:
+                path, *data = export_component(component, staging / f"{name}.onnx")
             components[name] = _component_spec(path, data)
-        extra = _write_image_newline(model, staging, components["connector"])
+        if genai_decoder is not None:
+            extra["decoder_build"] = genai_decoder.describe()
+        extra.update(_write_image_newline(model, staging, components["connector"]))
         tokenizer_path = staging / "tokenizer.json"
         atomic_write_text(tokenizer_path, model.tokenizer.to_str())
         manifest = Manifest(
             name=config.name, family=config.family or config.connector.type,
             components={name: components[name] for name in COMPONENTS},
-            decoder=decoder_spec(model, max_seq_len), preprocessing=tiling, prompt=model.prompt,
+            decoder=spec, preprocessing=tiling, prompt=model.prompt,
+            precision="fp32" if genai_decoder is None else f"fp32+decoder-{genai_decoder.precision}",
             tokenizer=tokenizer_path.name, tokenizer_sha256=sha256_file(tokenizer_path),
             default_questions=list(config.default_questions), tool_versions=_tool_versions(),
             source={"layout": layout, "checkpoint": checkpoint.resolve().name}, extra=extra,

@@ -3,15 +3,16 @@
 Sessions are created once per package with full graph optimisation. The decoder's KV cache lives in
 ORT values between steps, through IO binding:
 
-- zero-copy: each step's `present.*` outputs are bound as the next step's `past_key_values.*`
-  inputs without leaving ORT (on CUDA they stay on the GPU); in `decode` the embed session's output
-  is bound straight into the decoder the same way. Past values are never written to (every step
-  allocates its presents from ORT's arena, which reuses freed blocks), so `fork()` shares them
-  instead of copying.
-- copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id and
-  positions of each step (a few bytes), and the logits back to numpy (vocab floats per step).
-  The exported decoder concatenates past and new keys, so a fixed preallocated cache written in
-  place would need a decoder exported with in-place KV updates, which this package format has not.
+- in place (`decoder.kv_cache == "shared"`, the GroupQueryAttention decoders onnxruntime-genai builds):
+  one buffer per layer and K/V, preallocated to max_seq_len, bound as both past input and present
+  output, so each step writes only its new positions and nothing is reallocated or copied. `fork()`
+  copies the buffers (a fork's steps write into them).
+- zero-copy (`"concat"`, decoders exported by torch): each step's `present.*` outputs are bound as the
+  next step's `past_key_values.*` inputs without leaving ORT (on CUDA they stay on the GPU). Past values
+  are never written to (every step allocates its presents from ORT's arena), so `fork()` shares them.
+- In `decode` the embed session's output is bound straight into the decoder.
+- copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id, mask and
+  positions of each step (a few bytes), and the logits back to numpy (vocab floats per position).
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ class OrtDecoderSession:
         layers = range(spec.num_layers)
         self._past_names = [t % i for i in layers for t in (spec.past_key, spec.past_value)]
         self._present_names = [t % i for i in layers for t in (spec.present_key, spec.present_value)]
-        want_in = [_EMBEDS, _MASK, _POSITIONS, *self._past_names]
+        # GroupQueryAttention decoders derive positions from the mask; torch-exported ones take them.
+        self._has_positions = _POSITIONS in inputs
+        self._shared = spec.kv_cache == "shared"
+        want_in = [_EMBEDS, _MASK, *self._past_names] + ([_POSITIONS] if not self._shared else [])
         want_out = [_LOGITS, *self._present_names]
         missing = [n for n in want_in if n not in inputs] + [n for n in want_out if n not in outputs]
         if missing:
@@ -111,17 +115,23 @@ class OrtDecoderSession:
         return self._spec.max_seq_len
 
     def reset(self) -> None:
-        """Empty the cache."""
-        empty = np.zeros((1, self._spec.num_kv_heads, 0, self._spec.head_dim), dtype=self._kv_type)
-        value = ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)
-        self._past = [value] * len(self._past_names)
+        """Empty the cache (a shared buffer is kept: positions past seq_len are never read)."""
+        if self._shared:
+            if not self._past:
+                shape = (1, self._spec.num_kv_heads, self._spec.max_seq_len, self._spec.head_dim)
+                self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self._kv_type), self._device, 0)
+                              for _ in self._past_names]
+        else:
+            empty = np.zeros((1, self._spec.num_kv_heads, 0, self._spec.head_dim), dtype=self._kv_type)
+            self._past = [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)] * len(self._past_names)
         self._seq_len = 0
 
     def fork(self) -> OrtDecoderSession:
-        """A session starting from this cache; past ORT values are read-only, so they are shared."""
+        """A session starting from this cache: in-place buffers are copied, read-only past values shared."""
         other = object.__new__(OrtDecoderSession)
         other.__dict__.update(self.__dict__)
-        other._past = list(self._past)
+        other._past = ([ort.OrtValue.ortvalue_from_numpy(np.array(value.numpy(), copy=True), self._device, 0)
+                        for value in self._past] if self._shared else list(self._past))
         return other
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
@@ -148,17 +158,22 @@ class OrtDecoderSession:
         binding = self._session.io_binding()
         binding.bind_ortvalue_input(_EMBEDS, embeds)
         binding.bind_cpu_input(_MASK, np.ones((1, total), dtype=np.int64))
-        binding.bind_cpu_input(_POSITIONS, np.arange(self._seq_len, total, dtype=np.int64)[None])
+        if self._has_positions:
+            binding.bind_cpu_input(_POSITIONS, np.arange(self._seq_len, total, dtype=np.int64)[None])
         for name, value in zip(self._past_names, self._past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(_LOGITS, "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self._device)
+        for name, value in zip(self._present_names, self._past, strict=True):
+            if self._shared:  # the same buffer: GroupQueryAttention writes the new positions in place
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self._device)
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         outputs = binding.get_outputs()
-        self._past = [outputs[i] for i in range(1, len(outputs))]
+        if not self._shared:
+            self._past = [outputs[i] for i in range(1, len(outputs))]
         self._seq_len = total
         return outputs[0].numpy().reshape(-1, outputs[0].shape()[-1])[-1]
 

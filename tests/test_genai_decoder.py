@@ -1,0 +1,137 @@
+"""Decoders built by onnxruntime-genai (`fundusrt export --decoder fp32|int8|int4`).
+
+References: the torch-exported package of the same checkpoint (the fp32 builder decoder must give its
+greedy tokens and logits), separate runs (forks of the in-place KV buffer must answer as if alone),
+and the accuracy gate against the fp32 package for the quantised decoders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from fundusrt.config import GenerationConfig
+from fundusrt.manifest import PackageError
+from fundusrt.runtime.pipeline import load_package
+from tests._dicom_fixtures import fundus_picture
+
+pytest.importorskip("onnxruntime_genai")
+
+from fundusrt.export import export_package  # noqa: E402  (after the skip: needs the build side)
+from fundusrt.export.genai import GenaiDecoderOptions  # noqa: E402
+
+GEN = GenerationConfig(max_new_tokens=12)
+QUESTIONS = ["Describe the image.", "Is there a haemorrhage?", "Which eye is this?"]
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_package, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    checkpoint, torch_package = tiny_package("internvit-shuffle", seed=2)
+    root = tmp_path_factory.mktemp("genai")
+    built = {"torch": torch_package}
+    for precision in ("fp32", "int4"):
+        built[precision] = export_package(checkpoint, root / precision,
+                                          genai_decoder=GenaiDecoderOptions(precision=precision))
+    return built
+
+
+def test_manifest_records_the_builder_and_the_in_place_cache(packages: dict[str, Path]) -> None:
+    manifest = json.loads((packages["int4"] / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32+decoder-int4" and manifest["decoder"]["kv_cache"] == "shared"
+    build = manifest["extra"]["decoder_build"]
+    assert build["builder"].startswith("onnxruntime-genai") and build["block_size"] == 32
+    graph = onnx.load(str(packages["int4"] / manifest["components"]["decoder"]["file"]), load_external_data=False)
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops and "MatMul" not in ops
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+
+
+def test_fp32_builder_decoder_answers_like_the_torch_export(packages: dict[str, Path]) -> None:
+    reference, candidate = load_package(packages["torch"], threads=1), load_package(packages["fp32"], threads=1)
+    image = fundus_picture(256, 256, seed=3)
+    for question in QUESTIONS:
+        want, got = reference.ask(image, question, GEN), candidate.ask(image, question, GEN)
+        assert got.token_ids == want.token_ids, question
+    # Logits after a prefill and several in-place decode steps, not only their argmax.
+    encoded = reference.encode_image(image)
+    _, embeds = reference.prompt_embeds(encoded, QUESTIONS[0])
+    ref_dec, cand_dec = reference.sessions.decoder, candidate.sessions.decoder
+    ref_dec.reset(), cand_dec.reset()
+    diffs = [np.abs(ref_dec.prefill(embeds) - cand_dec.prefill(embeds)).max()]
+    for token in (5, 17, 99, 3):
+        diffs.append(np.abs(ref_dec.decode(token) - cand_dec.decode(token)).max())
+    assert max(diffs) < 1e-3, diffs
+
+
+def test_forks_of_the_in_place_cache_answer_like_separate_runs(packages: dict[str, Path]) -> None:
+    pipe = load_package(packages["int4"], threads=1)
+    image_a, image_b = fundus_picture(256, 256, seed=4), fundus_picture(256, 256, seed=5)
+    together = pipe.ask_many(image_a, QUESTIONS, GEN)
+    alone = [pipe.ask(image_a, q, GEN) for q in QUESTIONS]
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    # Image B after image A: a stale buffer must not leak A's keys into B's answer. The reference is B
+    # asked by a freshly opened package, whose buffers never held A.
+    after_a = pipe.ask_many(image_b, QUESTIONS, GEN)
+    fresh = load_package(packages["int4"], threads=1).ask_many(image_b, QUESTIONS, GEN)
+    assert [a.token_ids for a in after_a] == [a.token_ids for a in fresh]
+    first_logits = []
+    for image in (image_a, image_b):
+        _, embeds = pipe.prompt_embeds(pipe.encode_image(image), QUESTIONS[0])
+        pipe.sessions.decoder.reset()
+        first_logits.append(pipe.sessions.decoder.prefill(embeds))
+    assert np.abs(first_logits[0] - first_logits[1]).max() > 1e-3  # the two images do differ
+
+
+def test_a_corrupted_quantised_weight_is_refused(packages: dict[str, Path], tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(packages["int4"], tmp_path / "pkg"))
+    data = copy / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match="decoder.onnx.data: sha256"):
+        load_package(copy)
+
+
+def test_interleaved_forks_do_not_write_into_each_other(packages: dict[str, Path]) -> None:
+    pipe = load_package(packages["int4"], threads=1)
+    _, embeds = pipe.prompt_embeds(pipe.encode_image(fundus_picture(256, 256, seed=6)), QUESTIONS[1])
+    decoder = pipe.sessions.decoder
+    decoder.reset()
+    decoder.prefill(embeds)
+    first, second = decoder.fork(), decoder.fork()
+    first.decode(5)
+    second.decode(9)  # writes the same position of its buffer: must not touch `first`'s
+    interleaved = first.decode(7)
+    decoder.reset()
+    decoder.prefill(embeds)
+    decoder.decode(5)
+    assert np.array_equal(decoder.decode(7), interleaved)
+
+
+@pytest.mark.slow
+def test_int8_and_int4_demo_packages_pass_the_gate(tmp_path: Path) -> None:
+    from fundusrt.calibration import CalibrationSettings, GateThresholds
+    from fundusrt.calibration.package import GATE_KEY, gate_package
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo"
+    reference = export_package(demo, tmp_path / "fp32", max_seq_len=512)
+    settings = CalibrationSettings(holdout_images=4, holdout_studies=1, gate_tokens=16)
+    for precision in ("int8", "int4"):
+        package = export_package(demo, tmp_path / precision, max_seq_len=512,
+                                 genai_decoder=GenaiDecoderOptions(precision=precision))
+        report = gate_package(package, reference, settings=settings, threads=1)
+        assert report.passed, (precision, report.failures)
+        recorded = json.loads((package / "manifest.json").read_text())["extra"][GATE_KEY]
+        assert recorded["passed"] and recorded["reference"]["precision"] == "fp32"
+        load_package(package)  # the updated manifest still verifies
+    # The gate can fail: no quantised decoder reproduces fp32 logits exactly.
+    strict = gate_package(tmp_path / "int4", reference, settings=settings, threads=1,
+                          thresholds=GateThresholds(decoder_cosine=1.0))
+    assert not strict.passed and "decoder cosine" in strict.failures[0]
+    assert json.loads((tmp_path / "int4" / "manifest.json").read_text())["extra"][GATE_KEY]["passed"] is False
