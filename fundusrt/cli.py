@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "run": ("fundusrt.runtime.cli", "run a DICOM study through a model package and report findings"),
     "train": ("fundusrt.training.cli", "fine-tune (LoRA or full) on LLaVA JSON / InternVL JSONL instruction data"),
     "calibrate": ("fundusrt.calibration.cli", "INT8 Q/DQ package from an fp32 one, calibrated on images and prompts, accuracy-gated"),
+    "verify": ("fundusrt.runtime.verify_cli", "hash every file of a model package and stamp it, so later loads skip the hashing"),
     "gate": ("fundusrt.calibration.gate_cli", "accuracy gate of a quantised package against its unquantised export"),
     "build-engines": ("fundusrt.export.tensorrt", "build TensorRT engines (fp16 or Q/DQ INT8) into a package"),
     "bench": ("fundusrt.bench.cli", "latency against accuracy of model packages across backends, with a baseline"),

@@ -201,15 +201,18 @@ class Manifest:
             raise PackageError(f"{path} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
-    def verify(self, package_dir: str | Path) -> None:
-        """Check every file the manifest names exists and matches its sha256; raise PackageError listing all mismatches."""
-        root = Path(package_dir)
+    def _expected_files(self) -> dict[str, str]:
         expected = {spec.file: spec.sha256 for spec in self.components.values()}
         for spec in self.components.values():
             expected.update(spec.data_files)
         expected[self.tokenizer] = self.tokenizer_sha256
+        return expected
+
+    def verify(self, package_dir: str | Path) -> None:
+        """Check every file the manifest names exists and matches its sha256; raise PackageError listing all mismatches."""
+        root = Path(package_dir)
         problems = []
-        for rel, digest in expected.items():
+        for rel, digest in self._expected_files().items():
             path = root / rel
             if not path.is_file():
                 problems.append(f"{rel}: missing")
@@ -218,6 +221,48 @@ class Manifest:
         if problems:
             raise PackageError(f"package {root} failed its integrity check: " + "; ".join(problems)
                                + ". Re-export or re-copy the package.")
+
+    def verify_stamped(self, package_dir: str | Path, stamp_dir: Path | None = None, force: bool = False) -> bool:
+        """`verify`, skipped when a stamp shows no file changed since the last full check; True when it hashed.
+
+        A package of gigabytes is hashed once; the stamp (in `stamp_dir`, default $FUNDUSRT_CACHE/verified)
+        records each file's size, mtime, ctime, inode and device, keyed by the package path and the manifest's
+        own hash. Any write to a file changes its ctime (which no user call can set back), a replaced file has
+        another inode, so a later change forces a full check. What this trusts: the file system's metadata
+        and the cache folder (whoever can write there can skip the check, as whoever can write the package
+        can rewrite its manifest). A stamp that cannot be written only costs the next load a full check.
+        `force` hashes whatever the stamp says (and renews it).
+        """
+        root = Path(package_dir).resolve()
+        manifest_sha = sha256_file(root / MANIFEST_NAME)
+        stamp = (stamp_dir or cache_root() / "verified") / hashlib.sha256(
+            f"{root}\0{manifest_sha}".encode()).hexdigest()[:32]
+        identity = {rel: _file_identity(root / rel) for rel in self._expected_files()}
+        try:
+            if not force and json.loads(stamp.read_text()) == identity:
+                return False
+        except (OSError, ValueError):
+            pass
+        self.verify(root)
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stamp, json.dumps(identity))
+        except OSError:
+            pass
+        return True
+
+
+def _file_identity(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def cache_root() -> Path:
+    """$FUNDUSRT_CACHE, else ~/.cache/fundusrt: where fundusrt keeps what it can rebuild (kernels, stamps)."""
+    return Path(os.environ.get("FUNDUSRT_CACHE") or Path.home() / ".cache" / "fundusrt")
 
 
 def publish_package(staging: Path, out: Path) -> Path:

@@ -10,6 +10,14 @@ import pytest
 TinyPackage = Callable[..., tuple[Path, Path]]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Verification stamps and kernel caches of the tests go to a temporary folder, not the user's cache."""
+    import os
+
+    os.environ.setdefault("FUNDUSRT_CACHE", str(tmp_path_factory.mktemp("fundusrt-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> TinyPackage:
     """`get(family, seed=0, max_seq_len=None) -> (checkpoint, package)`: a tiny random native checkpoint and its

@@ -385,7 +385,7 @@ def load_package(path: str | Path, backend: str = "ort-cpu", threads: int | None
     """
     package_dir = Path(path)
     manifest = Manifest.load(package_dir)
-    manifest.verify(package_dir)
+    manifest.verify_stamped(package_dir)  # full sha256 on first load and after any file changed
     if manifest.prompt.image_layout not in SUPPORTED_IMAGE_LAYOUTS:
         raise PackageError(f"package image_layout {manifest.prompt.image_layout!r} is not supported by this runtime "
                            f"(supported: {', '.join(SUPPORTED_IMAGE_LAYOUTS)})")

@@ -8,14 +8,13 @@ atomically so concurrent processes never load half a file.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from fundusrt._deps import require
 from fundusrt.kernels.cuda import HEADER_PATH, SOURCE_PATH
-from fundusrt.manifest import atomic_write_bytes
+from fundusrt.manifest import atomic_write_bytes, cache_root
 
 # --fmad=false: the host build and Pillow round each multiply and add separately (see patchify.cu)
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
@@ -33,8 +32,7 @@ def source_digest() -> str:
 
 def cache_dir() -> Path:
     """$FUNDUSRT_CACHE/cuda, else ~/.cache/fundusrt/cuda."""
-    root = os.environ.get("FUNDUSRT_CACHE") or Path.home() / ".cache" / "fundusrt"
-    return Path(root) / "cuda"
+    return cache_root() / "cuda"
 
 
 def fatbin_name() -> str:
