@@ -26,17 +26,23 @@ from fundusrt.dicom.capture import (
     write_encapsulated_pdf,
 )
 from fundusrt.dicom.findings import LesionBox, parse_amd, parse_boxes, parse_dr_grade, study_findings
-from fundusrt.dicom.sr import DR_GRADE_CODES, ResultWriteError, write_sr
+from fundusrt.dicom.sr import DECISION_CODES, ResultWriteError, write_sr
+from fundusrt.runtime.protocol import DEFAULT_PROTOCOL, item_result, load_protocol, screen_eye, screening_summary
 from fundusrt.synth import GroundTruth, write_study
 from fundusrt.synth.grading import DR_GRADE_NAMES, LESION_KINDS
 from fundusrt.synth.instructions import (
     GRADE_LETTERS,
     QUESTIONS,
+    expected_answer,
     grounding_answer,
     grounding_qa,
     normalise_box,
     structured_report,
 )
+
+PROTOCOL = load_protocol(DEFAULT_PROTOCOL)
+# the probability a perfect model puts on the true answer in these reports (the rest is spread evenly)
+TRUE_P = 0.9
 
 PACKAGE = {"name": "tiny-test", "family": "internvit-shuffle", "precision": "fp32",
            "manifest_sha256": "0123456789abcdef" * 4, "backend": "ort-cpu", "fundusrt_version": "0.1.0"}
@@ -55,13 +61,23 @@ def truth_of(entry: dict[str, Any]) -> GroundTruth:
     return GroundTruth.from_dict({k: v for k, v in entry.items() if k in GroundTruth.__dataclass_fields__})
 
 
+def truth_items(truth: GroundTruth) -> dict[str, Any]:
+    """The default protocol's items as a perfect model scores them: TRUE_P on the true answer."""
+    items = {}
+    for item in PROTOCOL.items:
+        right = expected_answer(item.id, truth)
+        rest = (1 - TRUE_P) / (len(item.answers) - 1)
+        items[item.id] = item_result(item, {a: TRUE_P if a == right else rest for a in item.answers})
+    return items
+
+
 def report_from_truth(study: Any) -> dict[str, Any]:
-    """A report whose answers are what a perfect model would say (the synth answer writers)."""
+    """A report whose answers are what a perfect model would say (the synth answer writers), screened
+    with the default protocol as `Pipeline.run_study` screens."""
     images = []
     for sop_uid, entry in study.instances.items():
         truth = truth_of(entry)
-        answers = [{"question": QUESTIONS["report"], "answer": structured_report(truth)},
-                   {"question": QUESTIONS["dr_grade"], "answer": GRADE_LETTERS[truth.dr_grade]}]
+        answers = [{"question": QUESTIONS["report"], "answer": structured_report(truth)}]
         for kind in sorted({les.kind for les in truth.lesions}):
             qa = grounding_qa(truth, kind)
             answers.append({"question": qa.question, "answer": qa.answer})
@@ -69,8 +85,14 @@ def report_from_truth(study: Any) -> dict[str, Any]:
         answers.append({"question": qa.question, "answer": qa.answer})
         images.append({"sop_instance_uid": sop_uid, "series_instance_uid": entry["series_instance_uid"],
                        "laterality": entry["laterality"], "source": str(study.out_dir / entry["file"]),
-                       "num_tiles": 1, "answers": answers})
-    return {"study_instance_uid": study.study_instance_uid, "package": PACKAGE, "images": images, "errors": []}
+                       "num_tiles": 1, "answers": answers, "gradable": True, "items": truth_items(truth)})
+    by_eye: dict[str, list] = {}
+    for image in images:
+        by_eye.setdefault(image["laterality"], []).append(image)
+    eyes = {eye: {"images": [i["sop_instance_uid"] for i in entries], **screen_eye(PROTOCOL, entries)}
+            for eye, entries in by_eye.items()}
+    return {"study_instance_uid": study.study_instance_uid, "package": PACKAGE, "images": images, "errors": [],
+            "eyes": eyes, "screening": screening_summary(PROTOCOL, [e["decision"] for e in eyes.values()])}
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +128,17 @@ def test_box_to_pixels_is_the_inverse_of_normalisation() -> None:
 
 
 @pytest.mark.parametrize("grade", range(5))
-def test_dr_grade_from_reports_and_closed_answers(grade: int) -> None:
+def test_dr_grade_from_report_text(grade: int) -> None:
     assert parse_dr_grade(f"Impression: {DR_GRADE_NAMES[grade]}.") == grade
     assert parse_dr_grade(f"The eye shows grade {grade} retinopathy.") == grade
+
+
+def test_closed_answers_in_text_are_not_read_back() -> None:
+    # coded results come from the protocol's scored items only: an answer text is never parsed into a code
     report = {"images": [{"sop_instance_uid": "1.2", "laterality": "L", "answers": [
-        {"question": QUESTIONS["dr_grade"], "answer": f"{GRADE_LETTERS[grade]})"}]}]}
+        {"question": QUESTIONS["dr_grade"], "answer": "C"}]}]}
     eye = study_findings(report)[0]
-    assert eye.dr_grade == grade and eye.referable == (grade >= 2)
+    assert (eye.items, eye.decision) == ([], None)
 
 
 def test_text_rules_do_not_overread() -> None:
@@ -158,10 +184,17 @@ def test_sr_codes_findings_and_references_every_source(study: Any, tmp_path: Pat
              for i in items if i.ValueType == "CODE"]
     eyes = {}
     for sop_uid, entry in study.instances.items():
-        eyes.setdefault(entry["laterality"], []).append(truth_of(entry).dr_grade)
-    for laterality, grades in eyes.items():
-        assert ("4855003", DR_GRADE_CODES[max(grades)][0]) in coded
+        eyes.setdefault(entry["laterality"], []).append(truth_of(entry))
+    grade_codes = [o.code.value for o in PROTOCOL.item("dr_grade").options]
+    for laterality, truths in eyes.items():
+        assert ("4855003", grade_codes[max(t.dr_grade for t in truths)]) in coded  # worst image wins
         assert ("272741003", {"R": "24028007", "L": "7771000"}[laterality]) in coded  # Laterality
+        decision = "refer" if any(t.referable_dr for t in truths) else "no_refer"
+        assert ("screen-decision", DECISION_CODES[decision][0]) in coded
+    # each item's answer probability is a NUM beside its code
+    probabilities = [float(i.MeasuredValueSequence[0].NumericValue) for i in items
+                     if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "probability"]
+    assert probabilities == [TRUE_P] * len(PROTOCOL.items) * len(eyes)
     texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
     assert any("Impression" in t for t in texts)
     algorithm = {i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in items if i.ValueType == "TEXT"}
@@ -260,7 +293,8 @@ def test_encapsulated_pdf(study: Any, tmp_path: Path) -> None:
     assert ds.PatientName == sources[0].PatientName and ds.StudyInstanceUID == sources[0].StudyInstanceUID
     assert {i.ReferencedSOPInstanceUID for i in ds.SourceInstanceSequence} == set(study.instances)
     for eye in eyes:
-        assert (eye.dr_grade_name or "not stated").encode() in doc
+        assert f"Decision: {eye.decision}".encode() in doc
+        assert f"{eye.items[2].code[2]}; answer {eye.items[2].answer}, p = {TRUE_P:.2f}".encode() in doc
     assert dciodvfy_errors(path) == []
 
 
@@ -270,7 +304,8 @@ def test_findings_match_ground_truth(study: Any) -> None:
         truth = truth_of(entry)
         eye = eyes[entry["laterality"]]
         assert sop_uid in eye.images
-        assert eye.dr_grade >= truth.dr_grade
+        grade = next(item for item in eye.items if item.item_id == "dr_grade")
+        assert GRADE_LETTERS.index(grade.answer) >= truth.dr_grade and grade.concept[0] == "4855003"
         kinds = {les.kind for les in eye.lesions if les.sop_instance_uid == sop_uid}
         assert kinds == {les.kind for les in truth.lesions} | {"optic_disc"}
         assert kinds - {"optic_disc"} <= set(LESION_KINDS)

@@ -1,5 +1,6 @@
 """The runtime runs a DICOM study end to end with torch and transformers unimportable (as on a Jetson), and
-every CLI verb's --help and missing-dependency message work there.
+every CLI verb's --help and missing-dependency message work there. The synthetic generator is blocked
+too: screening reads its questions and codes from the protocol file, never from `fundusrt.synth`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from fundusrt.cli import VERBS
 
 BLOCKED = ("torch", "transformers", "fundusrt.models", "fundusrt.export", "fundusrt.calibration",
-           "fundusrt.training")
+           "fundusrt.training", "fundusrt.synth")
 
 # Runs in a fresh interpreter: a meta-path finder refuses the build-side modules before anything is imported.
 CHILD = textwrap.dedent("""
@@ -34,7 +35,7 @@ CHILD = textwrap.dedent("""
     import fundusrt
 
     code = main(["run", {study!r}, "--package", {package!r}, "--json", {json_out!r}, "--max-new-tokens", "6",
-                 "--threads", "1", "--question", "Is the optic disc normal?"])
+                 "--threads", "1", "--question", "Is the optic disc normal?", "--dicom-out", {dicom_out!r}])
     pipe = fundusrt.load_package({package!r}, threads=1)
     assert type(pipe).__name__ == "Pipeline"
     loaded = sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))
@@ -54,7 +55,8 @@ def test_fundusrt_run_without_torch(package: Path, tmp_path: Path) -> None:
 
     study = write_study(tmp_path / "study", seed=3, size=(320, 256)).out_dir
     json_out = tmp_path / "report.json"
-    script = CHILD.format(blocked=BLOCKED, study=str(study), package=str(package), json_out=str(json_out))
+    script = CHILD.format(blocked=BLOCKED, study=str(study), package=str(package), json_out=str(json_out),
+                          dicom_out=str(tmp_path / "results"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,6 +65,8 @@ def test_fundusrt_run_without_torch(package: Path, tmp_path: Path) -> None:
     report = json.loads(json_out.read_text())
     assert report["images"] and all(len(i["answers"]) == 1 for i in report["images"])
     assert report["package"]["name"] and set(report["eyes"]) <= {"R", "L", "unknown"}
+    assert report["screening"]["decision"] in ("refer", "no_refer", "ungradable")
+    assert len(list((tmp_path / "results").glob("SR_*.dcm"))) == 1
 
 
 def test_blocker_really_blocks() -> None:

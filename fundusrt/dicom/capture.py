@@ -153,14 +153,17 @@ def write_capture(source_path: str | Path, lesions: Sequence[LesionBox], path: s
 
 
 def report_lines(eyes: Sequence[EyeFindings], package: dict[str, Any]) -> list[str]:
-    """The text of the PDF report: per eye the coded findings, the lesions and the generated text."""
+    """The text of the PDF report: per eye the decision, the coded items with their probabilities, the
+    lesions and the generated text."""
     lines = [f"fundusrt report - model {package.get('name', '?')} ({package.get('precision', '?')})",
              f"manifest sha256 {package.get('manifest_sha256', '?')}", ""]
     for eye in eyes:
         lines.append({"R": "Right eye (OD)", "L": "Left eye (OS)"}.get(eye.laterality or "", "Eye not recorded"))
-        lines.append(f"  DR grade: {eye.dr_grade_name or 'not stated'}; referable: "
-                     f"{'not stated' if eye.referable is None else ('yes' if eye.referable else 'no')}; "
-                     f"AMD: {'not stated' if eye.amd is None else ('yes' if eye.amd else 'no')}")
+        lines.append(f"  Decision: {eye.decision or 'not screened'}")
+        if not eye.gradable:
+            lines += [f"  ungradable: {reason}" for reason in eye.gradability_reasons]
+        lines += [f"  {item.concept[2]}: {item.code[2]}; answer {item.answer}, p = {item.probability:.2f}"
+                  for item in eye.items]
         lines += [f"  {les.label}: box {list(les.box)} (0-999) on image {les.sop_instance_uid}" for les in eye.lesions]
         lines += [f"  left out: {problem}" for problem in eye.dropped]
         lines += [f"  {text}" for text in eye.text.splitlines()]

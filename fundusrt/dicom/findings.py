@@ -1,11 +1,11 @@
-"""Structured findings per eye, read from the generated answers of a study report.
+"""Structured findings per eye from a study report: the protocol's coded items, the decision, lesion boxes.
 
-The model answers in free text; clinics want coded results. This module turns the answers of each
-eye into a DR grade (0-4, the grades of `fundusrt.synth.grading`), a referable flag, an AMD flag
-and lesion boxes, and keeps the text they came from.
+The coded results come from the screening protocol's scored items (`fundusrt.runtime.protocol`): each
+eye's answer, its code and its probability, as the report carries them; nothing is read back from
+generated text. Free text still carries two things: grounded lesion boxes (below), and, for
+evaluating free-text reports (`fundusrt.bench.clinical`), `parse_dr_grade` and `parse_amd`.
 
-Text rules (case-insensitive, applied to every answer of every image of the eye; the worst grade
-found wins, because a clinic refers on the worst image):
+Free-text rules (case-insensitive; the worst grade found wins):
 
 - an explicit ``grade N`` (N in 0-4) gives N;
 - otherwise "proliferative" (not preceded by "non"/"non-") gives 4, "severe" 3, "moderate" 2,
@@ -14,9 +14,6 @@ found wins, because a clinic refers on the worst image):
   retinopathy" give 0.
 - AMD: "no AMD" / "no (signs of) age-related macular degeneration" gives False; otherwise a
   mention of AMD or age-related macular degeneration gives True; no mention gives None.
-- Referable DR is grade >= REFERABLE_GRADE (moderate NPDR or worse).
-- Answers to the closed questions of `fundusrt.synth.instructions` (the questions the demo model
-  is trained on) are read by their canonical answer first: a grade letter A-E, Yes/No for AMD.
 
 Grounded lesions are written by the model as ``<ref>label</ref><box>[[x1,y1,x2,y2]]</box>`` with
 coordinates normalised to 0-999 (InternVL / Qwen-VL convention: pixel = value * size / 1000);
@@ -29,9 +26,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from fundusrt.synth.grading import DR_GRADE_NAMES, REFERABLE_GRADE
-from fundusrt.synth.instructions import GRADE_LETTERS, QUESTIONS, parse_closed_answer
 
 GROUNDING_SCALE = 1000  # box coordinates are bins of size/1000, 0..999
 
@@ -91,30 +85,43 @@ class LesionBox:
         return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
 
 
+# (code value, scheme designator, meaning)
+CodeTuple = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class CodedItem:
+    """One protocol item's result for an eye: concept -> answer code, with the probability of every option."""
+
+    item_id: str
+    concept: CodeTuple
+    answer: str
+    code: CodeTuple
+    probabilities: dict[str, float]
+
+    @property
+    def probability(self) -> float:
+        """The probability of the reported answer."""
+        return self.probabilities[self.answer]
+
+
 @dataclass
 class EyeFindings:
     """What was found in one eye ("R", "L", or None when the images do not say).
 
-    `dropped` says which grounding boxes of the answers could not be kept, and why.
+    `decision` is the eye's screening decision ("refer", "no_refer", "ungradable"; None when the report
+    has no screening); `dropped` says which grounding boxes of the answers could not be kept, and why.
     """
 
     laterality: str | None
     images: list[str]
-    dr_grade: int | None
-    amd: bool | None
+    decision: str | None = None
+    gradable: bool = True
+    gradability_reasons: list[str] = field(default_factory=list)
+    items: list[CodedItem] = field(default_factory=list)
     lesions: list[LesionBox] = field(default_factory=list)
     text: str = ""
     dropped: list[str] = field(default_factory=list)
-
-    @property
-    def referable(self) -> bool | None:
-        """Referable DR (grade >= moderate NPDR); None when no grade was stated."""
-        return None if self.dr_grade is None else self.dr_grade >= REFERABLE_GRADE
-
-    @property
-    def dr_grade_name(self) -> str | None:
-        """The grade as a name ("moderate NPDR", ...)."""
-        return None if self.dr_grade is None else DR_GRADE_NAMES[self.dr_grade]
 
 
 def lesion_kind(label: str) -> str | None:
@@ -176,15 +183,15 @@ def parse_amd(text: str) -> bool | None:
     return False if _NO_AMD.search(text) else None
 
 
-def _closed_answers(answers: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-    """Grades and AMD flags from answers to the known closed questions."""
-    grades, amd = [], []
-    for question, answer in answers:
-        if question.strip() == QUESTIONS["dr_grade"] and (letter := parse_closed_answer("dr_grade", answer)):
-            grades.append(GRADE_LETTERS.index(letter))
-        elif question.strip() == QUESTIONS["amd"] and (yes_no := parse_closed_answer("amd", answer)):
-            amd.append(yes_no == "Yes")
-    return grades, amd
+def _code(value: Mapping[str, str]) -> CodeTuple:
+    return (value["value"], value["scheme"], value["meaning"])
+
+
+def coded_items(items: Mapping[str, Mapping[str, Any]]) -> list[CodedItem]:
+    """The report's items of one eye ({ITEM_ID: {"answer", "code", "concept", "probabilities"}}) as CodedItems."""
+    return [CodedItem(item_id, _code(item["concept"]), item["answer"], _code(item["code"]),
+                      {k: float(v) for k, v in item["probabilities"].items()})
+            for item_id, item in items.items()]
 
 
 def study_findings(report: Any) -> list[EyeFindings]:
@@ -204,11 +211,8 @@ def study_findings(report: Any) -> list[EyeFindings]:
         images = grouped[laterality]
         answers = [(image, a.get("question", ""), a.get("answer", "")) for image in images
                    for a in image.get("answers", [])]
-        closed_grades, closed_amd = _closed_answers([(q, text) for _, q, text in answers])
-        joined = "\n".join(text for _, _, text in answers)
-        text_grade, text_amd = parse_dr_grade(joined), parse_amd(joined)
-        grades = closed_grades + ([text_grade] if text_grade is not None else [])
-        amd_flags = closed_amd + ([text_amd] if text_amd is not None else [])
+        # the report files images without laterality under "unknown" (fundusrt.runtime.report.UNKNOWN_EYE)
+        screened = (data.get("eyes") or {}).get(laterality or "unknown", {})
         lesions, dropped = [], []
         for image, _, text in answers:
             boxes, problems = parse_boxes(text)
@@ -218,8 +222,10 @@ def study_findings(report: Any) -> list[EyeFindings]:
         eyes.append(EyeFindings(
             laterality=laterality,
             images=list(dict.fromkeys(image["sop_instance_uid"] for image in images)),
-            dr_grade=max(grades) if grades else None,
-            amd=any(amd_flags) if amd_flags else None,
+            decision=screened.get("decision"),
+            gradable=bool(screened.get("gradable", any(image.get("gradable", True) for image in images))),
+            gradability_reasons=list(screened.get("gradability_reasons", [])),
+            items=coded_items(screened.get("items", {})),
             lesions=lesions,
             dropped=dropped,
             text="\n".join(f"{a.get('question', '').strip()} {strip_grounding(a.get('answer', ''))}".strip()

@@ -1,14 +1,18 @@
 """Findings as a DICOM Comprehensive SR (TID 1500 measurement report, built with highdicom).
 
-One SR per study. Per eye, a measurement group with the eye as finding site (Retina + laterality)
-holding the coded DR grade, the referable flag and AMD, the algorithm identification and the
-generated text; per grounded lesion, a planar ROI group with the box as a closed POLYLINE on its
-source image. Every source image is referenced (image library and evidence); patient and study
-attributes are copied from the sources by highdicom; all UIDs are new.
+One SR per study, written from the screening protocol's coded results (never from generated text).
+Per eye, a measurement group with the eye as finding site (Retina + laterality) holding the eye's
+screening decision, the gradability reasons when it is ungradable, the algorithm identification and
+the generated text; per protocol item of the eye, a group holding the item's concept coded with the
+answer's code and the answer's probability (a NUM, unit "no units"); per grounded lesion, a planar
+ROI group with the box as a closed POLYLINE on its source image. Every source image is referenced
+(image library and evidence); patient and study attributes are copied from the sources by highdicom;
+all UIDs are new.
 
-Codes: SNOMED CT where the concept is coded there (DR grades, laterality, retina, lesion,
-haemorrhage, optic nerve head, AMD, present/absent, yes/no); lesion kinds SNOMED does not give us a verified code
-for use the private scheme 99FUNDUSRT, declared in the Coding Scheme Identification Sequence.
+Codes: the items' concepts and answers are the protocol's (SNOMED CT where the concept is coded there,
+else the private scheme 99FUNDUSRT); the structure uses SNOMED CT and DICOM codes (retina, laterality,
+lesion, haemorrhage, optic nerve head); the decisions and lesion kinds SNOMED does not give us a
+verified code for use 99FUNDUSRT, declared in the Coding Scheme Identification Sequence.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fundusrt._deps import require
-from fundusrt.dicom.findings import EyeFindings, LesionBox, study_findings
+from fundusrt.dicom.findings import CodedItem, EyeFindings, LesionBox, study_findings
 from fundusrt.dicom.select import clean_uid
 from fundusrt.manifest import atomic_write_bytes
 
@@ -37,20 +41,14 @@ PDF_SERIES_NUMBER = 902
 CodeTuple = tuple[str, str, str]
 RETINA: CodeTuple = ("5665001", "SCT", "Retina")
 LATERALITY: dict[str, CodeTuple] = {"R": ("24028007", "SCT", "Right"), "L": ("7771000", "SCT", "Left")}
-DIABETIC_RETINOPATHY: CodeTuple = ("4855003", "SCT", "Diabetic retinopathy")
-DR_GRADE_CODES: dict[int, CodeTuple] = {
-    0: ("272519000", "SCT", "Absent"),
-    1: ("312903003", "SCT", "Mild nonproliferative diabetic retinopathy"),
-    2: ("312904009", "SCT", "Moderate nonproliferative diabetic retinopathy"),
-    3: ("312905005", "SCT", "Severe nonproliferative diabetic retinopathy"),
-    4: ("59276001", "SCT", "Proliferative diabetic retinopathy"),
+SCREENING_DECISION: CodeTuple = ("screen-decision", PRIVATE_SCHEME, "Screening decision")
+DECISION_CODES: dict[str, CodeTuple] = {
+    "refer": ("refer", PRIVATE_SCHEME, "Refer"),
+    "no_refer": ("no-refer", PRIVATE_SCHEME, "No referral, rescreen"),
+    "ungradable": ("ungradable", PRIVATE_SCHEME, "Ungradable, retake the photograph"),
 }
-AMD: CodeTuple = ("267718000", "SCT", "Age-related macular degeneration")
-PRESENT: CodeTuple = ("52101004", "SCT", "Present")
-ABSENT: CodeTuple = ("272519000", "SCT", "Absent")
-YES: CodeTuple = ("373066001", "SCT", "Yes")
-NO: CodeTuple = ("373067005", "SCT", "No")
-REFERABLE_DR: CodeTuple = ("referable-dr", PRIVATE_SCHEME, "Referable diabetic retinopathy")
+PROBABILITY: CodeTuple = ("probability", PRIVATE_SCHEME, "Probability of the answer")
+NO_UNITS: CodeTuple = ("1", "UCUM", "no units")
 FINDING: CodeTuple = ("121071", "DCM", "Finding")
 CLINICAL_FINDING: CodeTuple = ("404684003", "SCT", "Finding")
 LESION: CodeTuple = ("52988006", "SCT", "Lesion")
@@ -172,13 +170,18 @@ def save_dataset(ds: Any, path: Path) -> Path:
     return path
 
 
-def algorithm_identification(package: Mapping[str, Any]) -> Any:
-    """TID 4019 algorithm identification: package name, version, and hash/precision/backend as parameters."""
+def algorithm_identification(package: Mapping[str, Any], screening: Mapping[str, Any] | None = None) -> Any:
+    """TID 4019 algorithm identification: package name, version, and hash/precision/backend as parameters,
+    plus the screening protocol (name, version, sha256) and referral threshold when the report has them."""
     hd = require("highdicom", "writing DICOM results")
     name = str(package.get("name") or "unknown model")
     version = str(package.get("version") or package.get("fundusrt_version") or "unknown")
     params = [f"{key}={package[key]}" for key in ("family", "precision", "manifest_sha256", "backend",
                                                    "fundusrt_version") if package.get(key)]
+    if screening:
+        protocol = screening["protocol"]
+        params += [f"protocol={protocol['name']} {protocol['version']}", f"protocol_sha256={protocol['sha256']}",
+                   f"referral_threshold={screening['threshold']}"]
     return hd.sr.AlgorithmIdentification(name=name, version=version, parameters=params or None,
                                          manufacturer=MANUFACTURER)
 
@@ -192,11 +195,8 @@ def _finding_site(laterality: str | None) -> Any:
 def _eye_group(eye: EyeFindings, sources: Mapping[str, Any], algorithm: Any) -> Any:
     hd = require("highdicom")
     evaluations = []
-    if eye.dr_grade is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(code(DIABETIC_RETINOPATHY), code(DR_GRADE_CODES[eye.dr_grade])))
-        evaluations.append(hd.sr.QualitativeEvaluation(code(REFERABLE_DR), code(YES if eye.referable else NO)))
-    if eye.amd is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(code(AMD), code(PRESENT if eye.amd else ABSENT)))
+    if eye.decision in DECISION_CODES:
+        evaluations.append(hd.sr.QualitativeEvaluation(code(SCREENING_DECISION), code(DECISION_CODES[eye.decision])))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=_eye_name(eye.laterality)),
         finding_type=code(CLINICAL_FINDING),
@@ -205,11 +205,29 @@ def _eye_group(eye: EyeFindings, sources: Mapping[str, Any], algorithm: Any) -> 
         qualitative_evaluations=evaluations or None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[uid]) for uid in eye.images],
     )
-    if eye.text:
-        # TID 1501 has no slot for free text; a TEXT "Finding" under the group keeps the model's words
-        # next to the codes derived from them (the Comprehensive SR IOD allows CONTAINER CONTAINS TEXT).
-        group[0].ContentSequence.append(hd.sr.TextContentItem(code(FINDING), clean_text(eye.text), "CONTAINS"))
+    # TID 1501 has no slot for free text; TEXT "Finding" items under the group keep the gradability
+    # reasons and the model's words (the Comprehensive SR IOD allows CONTAINER CONTAINS TEXT).
+    notes = [f"Ungradable: {reason}" for reason in eye.gradability_reasons] if not eye.gradable else []
+    for note in [*notes, eye.text]:
+        if note:
+            group[0].ContentSequence.append(hd.sr.TextContentItem(code(FINDING), clean_text(note), "CONTAINS"))
     return group
+
+
+def _item_group(item: CodedItem, eye: EyeFindings, sources: Mapping[str, Any], algorithm: Any) -> Any:
+    """One protocol item of one eye: concept -> answer code, and the answer's probability."""
+    hd = require("highdicom")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{_eye_name(eye.laterality)}: "
+                                                                             f"{item.item_id}"[:64]),
+        finding_type=code(item.concept),
+        algorithm_id=algorithm,
+        finding_sites=[_finding_site(eye.laterality)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(code(item.concept), code(item.code))],
+        measurements=[hd.sr.Measurement(name=code(PROBABILITY), value=round(item.probability, 6),
+                                        unit=code(NO_UNITS))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[uid]) for uid in eye.images],
+    )
 
 
 def clean_text(text: str, limit: int = 65535) -> str:
@@ -261,10 +279,11 @@ def build_sr(report: Any, sources: Mapping[str, Any] | None = None) -> Any:
     data = report.to_dict() if hasattr(report, "to_dict") else report
     sources = dict(sources) if sources is not None else load_sources(data)
     package = data.get("package") or {}
-    algorithm = algorithm_identification(package)
+    algorithm = algorithm_identification(package, data.get("screening"))
     groups = []
     for eye in study_findings(data):
         groups.append(_eye_group(eye, sources, algorithm))
+        groups += [_item_group(item, eye, sources, algorithm) for item in eye.items]
         groups += [_lesion_group(lesion, n, eye.laterality, sources[lesion.sop_instance_uid], algorithm)
                    for n, lesion in enumerate(eye.lesions, 1)]
     observer = hd.sr.ObserverContext(

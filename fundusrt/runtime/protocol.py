@@ -256,9 +256,9 @@ def probabilities(log_likelihoods: Sequence[float]) -> np.ndarray:
 
 
 def item_result(item: Item, probs: Mapping[str, float]) -> dict[str, Any]:
-    """The report form of an item: {"answer", "code", "probabilities"} (the answer is the likeliest option)."""
+    """The report form of an item: {"answer", "code", "concept", "probabilities"} (the likeliest option wins)."""
     answer = max(item.answers, key=lambda a: probs[a])
-    return {"answer": answer, "code": item.option(answer).code.to_dict(),
+    return {"answer": answer, "code": item.option(answer).code.to_dict(), "concept": item.concept.to_dict(),
             "probabilities": {a: float(probs[a]) for a in item.answers}}
 
 
