@@ -31,8 +31,9 @@ def _truth_lines(ground_truth: dict) -> list[str]:
     lines = []
     for eye in sorted(eyes, reverse=True):
         t = eyes[eye]
-        lines.append(f"  {eye}: DR grade {t['dr_grade']} (referable: {'yes' if t['referable_dr'] else 'no'}), "
-                     f"AMD: {'yes' if t['amd'] else 'no'}, cup-to-disc {t['cup_to_disc_ratio']:.2f}")
+        lines.append(f"  {eye}: DR grade {t['dr_grade']} (referable: {'yes' if t['referable_dr'] else 'no'}, so "
+                     f"{'refer' if t['referable_dr'] else 'no referral'}), AMD: {'yes' if t['amd'] else 'no'}, "
+                     f"cup-to-disc {t['cup_to_disc_ratio']:.2f}")
     return lines
 
 
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"fundusrt demo: error: {exc}")
         return 1
     print(f"Exported {args.checkpoint.name} to the model package {package}")
-    pipeline = load_package(package, threads=args.threads)
+    pipeline = load_package(package, threads=args.threads)  # screened with the shipped default protocol
     report = pipeline.run_study(truth.files)
     report.write_json(out / "findings.json")
     print()

@@ -35,7 +35,6 @@ def test_default_protocol_is_what_the_synthetic_generator_asks() -> None:
         assert item.question == QUESTIONS[item.id]
     assert protocol.item("dr_grade").answers == list(GRADE_LETTERS)
     assert protocol.item("laterality").answers == ["Right", "Left"]
-    assert protocol.report_questions == (QUESTIONS["report"],)
     assert len(protocol.sha256) == 64
 
 

@@ -104,12 +104,24 @@ def test_study_report_screens_each_eye(pipe: Pipeline, tmp_path: Path) -> None:
                                    list(alone[item_id].probabilities.values()), atol=1e-6)
         assert item["answer"] == max(item["probabilities"], key=item["probabilities"].get)
         assert item["code"] == protocol.item(item_id).option(item["answer"]).code.to_dict()
+    # the tiny package names no questions: the generic ones are asked as free text beside the scored items
     image = next(i for i in data["images"] if i["laterality"] == "R")
-    question = protocol.report_questions[0]
-    assert [a["question"] for a in image["answers"]] == [question]
-    assert image["answers"][0]["answer"] == pipe.ask(pixels, question).text
+    assert [a["question"] for a in image["answers"]] == pipe.default_questions
+    assert image["answers"][0]["answer"] == pipe.ask(pixels, pipe.default_questions[0]).text
     refer = right["referral_probability"] >= protocol.referral.threshold
     assert right["decision"] == ("refer" if refer else "no_refer")
     assert screening["decision"] == ("refer" if refer else "ungradable")  # the dark left eye is never "normal"
     text = pipe.run_study(study).render_text()
     assert "Decision: UNGRADABLE" in text and f"Screening decision: {'REFER' if refer else 'UNGRADABLE'}" in text
+
+
+def test_questions_the_protocol_scores_are_not_asked_again(built: tuple[Path, Path], tmp_path: Path) -> None:
+    from fundusrt.synth import write_study
+
+    pipe = load_package(built[1], threads=1)
+    scored = pipe.protocol.items[1].question
+    pipe.manifest.default_questions = [scored, "Describe the optic disc."]
+    study = write_study(tmp_path / "study", seed=1, size=(256, 256), variants=("op",)).out_dir
+    data = pipe.run_study(study).to_dict()
+    assert all([a["question"] for a in i["answers"]] == ["Describe the optic disc."] for i in data["images"])
+    assert all(pipe.protocol.items[1].id in i["items"] for i in data["images"])

@@ -231,8 +231,8 @@ class Pipeline:
 
         Args:
             source: a DICOM file, a folder, a list of files, or an already read Study.
-            questions: free-text questions; default: the protocol's report questions, else the package's
-                default questions, else DEFAULT_QUESTIONS.
+            questions: free-text questions; default: the protocol's report questions, else those of the
+                package's default questions (or DEFAULT_QUESTIONS) that the protocol does not already score.
             gen: decoding settings.
 
         Raises:
@@ -244,7 +244,9 @@ class Pipeline:
         study = source if isinstance(source, Study) else read_study(source)
         protocol = self.protocol
         tasks = self._scoring_tasks(protocol)
-        questions = list(questions or protocol.report_questions or self.default_questions)
+        scored = {item.question for item in protocol.items}
+        questions = list(questions or protocol.report_questions
+                         or [q for q in self.default_questions if q not in scored])
         gen = gen or GenerationConfig()
         errors = [FileError(str(f.file), f.status, f.reason) for f in study.errors()]
         if not study.images:

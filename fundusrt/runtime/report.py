@@ -125,7 +125,7 @@ class StudyReport:
                     f" (P = {report['referral_probability']:.2f})" if report["referral_probability"] is not None else ""))
                 lines += [f"  {item_id}: {item['answer']} ({item['probabilities'][item['answer']]:.2f})"
                           for item_id, item in report["items"].items()]
-            lines.append(report["report"])
+            lines += [report["report"]] if report["report"] else []
         lines += [line for image in self.images for line in _laterality_notes(image)]
         if self.errors:
             lines += ["", f"Not used ({len(self.errors)}):"]
