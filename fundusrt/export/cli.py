@@ -13,6 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt + answer (KV cache size)")
     parser.add_argument("--max-tiles", type=int, default=None, help="most tiles per image (default: checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing package directory")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="weights and activations of the torch-exported components: fp32 (default; fastest "
+                             "for small models on CPUs), fp16/bf16 (half the bytes; GPU and TensorRT targets; "
+                             "ONNX Runtime CPU runs fp16 but not bf16)")
     parser.add_argument("--decoder", default="torch", choices=("torch", "fp32", "int8", "int4"),
                         help="torch: the decoder exported by torch.onnx (fp32, KV concatenated per step; runs on "
                              "every backend incl. TensorRT); fp32/int8/int4: built by onnxruntime-genai "
@@ -40,7 +44,8 @@ def main(args: argparse.Namespace) -> int:
         genai = None if args.decoder == "torch" else GenaiDecoderOptions(
             precision=args.decoder, block_size=args.block_size, accuracy_level=args.accuracy_level)
         path = export_package(args.checkpoint, args.out, max_seq_len=args.max_seq_len,
-                              max_tiles=args.max_tiles, overwrite=args.force, genai_decoder=genai)
+                              max_tiles=args.max_tiles, overwrite=args.force, genai_decoder=genai,
+                              dtype=args.dtype)
     except (CheckpointError, ExportError, PackageError, ValueError) as exc:
         print(f"fundusrt export: {exc}", file=sys.stderr)
         return 1

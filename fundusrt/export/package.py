@@ -26,6 +26,9 @@ from fundusrt.models.loader import CheckpointError, detect_layout, load
 from fundusrt.models.lvlm import LVLM
 
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16"}
+# --dtype -> torch dtype name: fp32 runs everywhere (fastest for small CPU components); fp16/bf16 halve the
+# weights for GPU and TensorRT targets (ORT CPU runs fp16 graphs, not bf16 ones).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class ExportError(Exception):
@@ -77,7 +80,7 @@ def _write_image_newline(model: LVLM, staging: Path, connector: ComponentSpec) -
 
 def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: int = 4096,
                    max_tiles: int | None = None, overwrite: bool = False,
-                   genai_decoder: GenaiDecoderOptions | None = None) -> Path:
+                   genai_decoder: GenaiDecoderOptions | None = None, dtype: str = "fp32") -> Path:
     """Export a checkpoint into a model package.
 
     The package is assembled in a temporary sibling directory and renamed into place at the end,
@@ -91,6 +94,9 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         overwrite: replace an existing `out_dir`.
         genai_decoder: build the decoder with onnxruntime-genai (weight-only INT4/INT8 or fp32, KV cache
             written in place) instead of exporting it with torch.
+        dtype: "fp32", "fp16" or "bf16": the weights and activations of the torch-exported components.
+            Each tensor is converted as it is read from the checkpoint, so a 16-bit checkpoint is never
+            held in fp32.
 
     Returns:
         the package directory.
@@ -98,8 +104,12 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
     checkpoint, out = Path(checkpoint), Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another --out or pass overwrite=True (--force)")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    import torch
+
     layout = detect_layout(checkpoint)
-    model = load(checkpoint, layout=layout)
+    model = load(checkpoint, dtype=getattr(torch, DTYPES[dtype]), layout=layout)
     config = model.config
     max_positions = config.text.config.get("max_position_embeddings")
     if max_seq_len < 1 or (max_positions and max_seq_len > max_positions):
@@ -135,7 +145,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
             name=config.name, family=config.family or config.connector.type,
             components={name: components[name] for name in COMPONENTS},
             decoder=spec, preprocessing=tiling, prompt=model.prompt,
-            precision="fp32" if genai_decoder is None else f"fp32+decoder-{genai_decoder.precision}",
+            precision=dtype if genai_decoder is None else f"{dtype}+decoder-{genai_decoder.precision}",
             tokenizer=tokenizer_path.name, tokenizer_sha256=sha256_file(tokenizer_path),
             default_questions=list(config.default_questions), tool_versions=_tool_versions(),
             source={"layout": layout, "checkpoint": checkpoint.resolve().name}, extra=extra,
