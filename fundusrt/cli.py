@@ -22,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "verify": ("fundusrt.runtime.verify_cli", "hash every file of a model package and stamp it, so later loads skip the hashing"),
     "gate": ("fundusrt.calibration.gate_cli", "accuracy gate of a quantised package against its unquantised export"),
     "build-engines": ("fundusrt.export.tensorrt", "build TensorRT engines (fp16 or Q/DQ INT8) into a package"),
+    "protocol": ("fundusrt.bench.protocol_cli", "screening protocols: check, score a labelled set, evaluate (AUC, "
+                 "sensitivity, specificity), calibrate the referral threshold"),
     "bench": ("fundusrt.bench.cli", "latency against accuracy of model packages across backends, with a baseline"),
     "serve": ("fundusrt.node.cli", "run the DICOM node: receive studies, send findings back as DICOM"),
     "demo": ("fundusrt.demo", "synthetic DICOM study -> demo model package -> findings beside the ground truth"),
