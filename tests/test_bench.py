@@ -186,7 +186,8 @@ def test_quick_bench_runs_and_writes_well_formed_outputs(tmp_path: Path) -> None
     add_arguments(parser)
     out = tmp_path / "bench"
     args = parser.parse_args(["--quick", "--out", str(out), "--eval-count", "2", "--repeats", "2",
-                              "--max-new-tokens", "6", "--threads", "1", "--backends", "ort-cpu,ort-cuda,torch"])
+                              "--max-new-tokens", "6", "--threads", "1", "--backends", "ort-cpu,ort-cuda,torch",
+                              "--screening", "8"])
     assert main(args) == 0
     doc = _strict_json(out / "bench.json")
     assert doc["format"] == "fundusrt-bench/1"
@@ -210,6 +211,12 @@ def test_quick_bench_runs_and_writes_well_formed_outputs(tmp_path: Path) -> None
     assert baseline["backend"] == "transformers-eager" and set(baseline["sets"]) == set(cpu["sets"])
     markdown = (out / "bench.md").read_text(encoding="utf-8")
     assert markdown.count("| transformers-eager |") == 3 and markdown.count("| ort-cpu |") == 3
+    # what the demo package was trained to answer, scored on held-out synthetic cases: it gets the eye right
+    (screening,) = doc["screening"]
+    assert screening["count"] == 8 and screening["protocol"]["name"] == "fundusrt-synthetic-screening"
+    assert list(screening["items"]) == ["laterality", "referable_dr", "dr_grade", "amd", "cdr_large"]
+    assert screening["items"]["laterality"]["accuracy"]["value"] >= 7 / 8
+    assert "| laterality | " in markdown and "Screening protocol fundusrt-synthetic-screening" in markdown
     with Image.open(out / "pareto.png") as plot:
         assert plot.format == "PNG" and plot.width > 300
     # The synthetic sets the bench wrote are in the public formats and read back through the same readers.

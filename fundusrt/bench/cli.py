@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-QUICK = {"warmup": 1, "repeats": 3, "latency_items": 1, "limit": 4, "max_new_tokens": 16, "eval_count": 4}
-FULL = {"warmup": 2, "repeats": 10, "latency_items": 2, "limit": None, "max_new_tokens": 64, "eval_count": 16}
+QUICK = {"warmup": 1, "repeats": 3, "latency_items": 1, "limit": 4, "max_new_tokens": 16, "eval_count": 4,
+         "screening": 40}
+FULL = {"warmup": 2, "repeats": 10, "latency_items": 2, "limit": None, "max_new_tokens": 64, "eval_count": 16,
+        "screening": 400}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="items per eval set scored for accuracy (all)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length limit")
     parser.add_argument("--eval-count", type=int, metavar="N", help="items of each synthetic eval set")
+    parser.add_argument("--screening", type=int, metavar="N",
+                        help="held-out synthetic cases on which each package's protocol items are scored "
+                             "(per-item AUC, sensitivity, specificity with 95%% CIs; ort-cpu; 0: none)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads of every engine (default: each backend's own)")
 
@@ -78,6 +83,11 @@ def main(args: argparse.Namespace) -> int:
                          eval_sets=eval_sets, checkpoint=checkpoint, settings=settings, threads=args.threads,
                          baseline=args.baseline == "transformers", bandwidth_mib=128 if args.quick else 256)
         doc = run_bench(plan, log)
+        if pick["screening"]:
+            from fundusrt.bench.screening import screening_figures
+
+            log(f"scoring each package's protocol on {pick['screening']} held-out synthetic cases")
+            doc["screening"] = [screening_figures(p, pick["screening"], args.threads) for p in packages]
         paths = write_outputs(doc, args.out)
     except (EvalSetError, PackageError, MissingDependencyError, ValueError, OSError) as exc:
         print(f"fundusrt bench: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -75,9 +75,29 @@ def render_markdown(doc: dict[str, Any]) -> str:
         for c in skipped:
             who = f"{c['package']['name']} on {c['backend']}" if c.get("package") else c["backend"]
             lines.append(f"- {who}: {c['status']}: {c.get('reason') or c.get('error')}")
+    lines += _screening_lines(doc.get("screening", []))
     lines += ["", "Accuracy is each set's primary metric; e2e is per image (per study for DICOM studies); "
               "decode eff. = bytes per token x tok/s / memory bandwidth; ratios are to the baseline."]
     return "\n".join(lines) + "\n"
+
+
+def _screening_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """Per package, its protocol's items on held-out synthetic cases (fundusrt.bench.screening)."""
+    def fmt(p: dict[str, Any] | None) -> str:
+        return "-" if p is None else f"{p['value']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
+
+    lines = []
+    for entry in entries:
+        protocol = entry["protocol"]
+        lines += ["", f"Screening protocol {protocol['name']} {protocol['version']} of {entry['package']} on "
+                      f"{entry['count']} held-out synthetic cases (seeds from {entry['first_seed']}; pixel gate passed "
+                      f"{entry['pixel_gradable']}; {entry['mean_scoring_ms_per_image']:.0f} ms per image), 95% CIs:", "",
+                  "| item | accuracy | AUC | threshold | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+        for item_id, figures in entry["items"].items():
+            threshold = f"{figures['threshold']:.3f}" if "threshold" in figures else "-"
+            lines.append(f"| {item_id} | {fmt(figures['accuracy'])} | {fmt(figures.get('auc'))} | {threshold} | "
+                         f"{fmt(figures.get('sensitivity'))} | {fmt(figures.get('specificity'))} |")
+    return lines
 
 
 def render_pareto_png(doc: dict[str, Any]) -> bytes:

@@ -120,15 +120,37 @@ def read_table(path: str | Path) -> tuple[list[Case], str]:
     missing = set(TABLE_COLUMNS) - set(reader.fieldnames or ())
     if missing:
         raise ValueError(f"{path}: a scored table needs the columns {', '.join(TABLE_COLUMNS)}; missing {sorted(missing)}")
-    cases: dict[str, dict[str, tuple[dict[str, float], str]]] = {}
+    rows = []
     for line, row in enumerate(reader, 2):
         try:
-            probability = float(row["probability"])
+            rows.append({**row, "probability": float(row["probability"])})
         except ValueError as exc:
             raise ValueError(f"{path} line {line}: probability {row['probability']!r} is not a number") from exc
+    return cases_from_rows(rows), hashlib.sha256(raw).hexdigest()
+
+
+def cases_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[Case]:
+    """Table rows grouped into cases, in the order they first appear."""
+    cases: dict[str, dict[str, tuple[dict[str, float], str]]] = {}
+    for row in rows:
         probs, _ = cases.setdefault(row["case"], {}).setdefault(row["item"], ({}, row["truth"]))
-        probs[row["option"]] = probability
-    return [Case(name, items) for name, items in cases.items()], hashlib.sha256(raw).hexdigest()
+        probs[row["option"]] = float(row["probability"])
+    return [Case(name, items) for name, items in cases.items()]
+
+
+def screening_figures(package: str | Path, count: int, threads: int | None = None) -> dict[str, Any]:
+    """A package's protocol measured on `count` held-out synthetic cases (ort-cpu): what `fundusrt bench` reports.
+
+    Returns:
+        {"package", "protocol", "set", "count", "pixel_gradable", "mean_scoring_ms_per_image", "items"}
+        with `evaluate`'s figures under "items".
+    """
+    from fundusrt.runtime.pipeline import load_package
+
+    pipeline = load_package(package, threads=threads)
+    rows, summary = score_synthetic(pipeline, count)
+    return {"package": str(package), "protocol": pipeline.protocol.identity(), **summary,
+            "items": evaluate(pipeline.protocol, cases_from_rows(rows))}
 
 
 def binary_reading(protocol: Protocol, item: Item) -> tuple[str, ...]:
