@@ -50,6 +50,9 @@ def test_manifest_records_the_builder_and_the_in_place_cache(packages: dict[str,
     assert {"MatMulNBits", "GroupQueryAttention"} <= ops and "MatMul" not in ops
     nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    # Only the last position reaches the LM head (the prefill projects one row onto the vocabulary, not all).
+    logits = next(v for v in graph.graph.output if v.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
 
 
 def test_fp32_builder_decoder_answers_like_the_torch_export(packages: dict[str, Path]) -> None:

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fundusrt._deps import require
 from fundusrt.manifest import DecoderSpec, PackageError
 from fundusrt.models.lvlm import LVLM
@@ -86,6 +88,38 @@ def _check_io(path: Path, spec: DecoderSpec) -> None:
                            f"{sorted(want_out - outputs)} the runtime needs; this builder version is not supported")
 
 
+def _logits_of_last_position(path: Path) -> bool:
+    """Make the builder's decoder compute logits for the last position only, as the runtime's contract says.
+
+    The builder's graph projects every prompt position onto the vocabulary (151,674 x 896 per position for
+    Qwen2.5-0.5B: about a quarter of a 300-token prefill) though only the last is ever read. A Slice of the
+    hidden states before the LM head removes that work. Returns False, leaving the graph as it is, when the
+    logits do not come straight from a MatMul (the runtime reads the last row either way).
+    """
+    onnx = require("onnx", "building decoders with onnxruntime-genai")
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    head = next((node for node in graph.node if "logits" in node.output), None)
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
+        return False
+    hidden, last = head.input[0], f"{head.input[0]}/last_position"
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_position/starts"),
+        onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "last_position/ends"),
+        onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "last_position/axes"),
+    ])
+    index = list(graph.node).index(head)
+    graph.node.insert(index, onnx.helper.make_node(
+        "Slice", [hidden, "last_position/starts", "last_position/ends", "last_position/axes"], [last],
+        name="/lm_head/last_position"))
+    head.input[0] = last
+    logits = next(value for value in graph.output if value.name == "logits")
+    logits.type.tensor_type.shape.dim[1].Clear()
+    logits.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, str(path))  # the weights stay in their external-data file, untouched
+    return True
+
+
 def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: GenaiDecoderOptions) -> list[Path]:
     """Write `decoder.onnx` (+ `decoder.onnx.data`) into `staging`; returns the files, graph first.
 
@@ -120,6 +154,7 @@ def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: 
                                f"{chatter.getvalue()[-2000:]}") from exc
         graph = out / DECODER_FILE
         _check_io(graph, spec)
+        _logits_of_last_position(graph)
         files = [graph, *sorted(p for p in out.iterdir() if p.name.startswith(f"{DECODER_FILE}."))]
         moved = []
         for file in files:
