@@ -238,8 +238,8 @@ def main() -> int:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]['decode_tok_s']:.1f} tok/s", flush=True)
 
-    bandwidth = host_bandwidth() / 2  # the copy reads and writes; decoding only reads
-    print(f"\nCPU: {cpu_summary()}; {args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy / 2)")
+    bandwidth = host_bandwidth(threads=args.threads)
+    print(f"\nCPU: {cpu_summary()}; {args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"prompt {args.prompt} tokens, {args.new_tokens} decoded, vocab {args.vocab_size}; workdir {workdir}")
     header = f"{'engine':22s}{'decode tok/s':>13s}{'prefill ms':>11s}{'weights MB':>11s}{'roofline':>9s}{'RSS MiB':>9s}"
     print(header + "".join(f"{'@' + str(c):>8s}" for c in contexts))

@@ -143,7 +143,7 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None] = print) -> dict[str, 
     for summary in sets:
         for issue in summary["issues"][:5]:
             log(f"eval set {summary['name']}: skipped {issue}")
-    log(f"measuring host memory bandwidth ({plan.bandwidth_mib} MiB copies)")
+    log(f"measuring host read bandwidth ({plan.bandwidth_mib} MiB reductions)")
     host_bw = machine.host_bandwidth(plan.bandwidth_mib)
     wants_gpu = any(b in GPU_BACKENDS and _backend_reason(b) is None for b in plan.backends)
     gpu_bw, gpu_how = machine.gpu_bandwidth() if wants_gpu else (None, "not measured: no GPU backend in this run")
