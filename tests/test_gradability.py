@@ -73,11 +73,12 @@ def test_mild_degradations_stay_gradable() -> None:
         assert verdict.gradable, verdict
 
 
-@pytest.mark.parametrize("image", [np.zeros((200, 300, 3), np.uint8), np.full((200, 300, 3), 255, np.uint8)],
+@pytest.mark.parametrize(("image", "reason"), [(np.zeros((200, 300, 3), np.uint8), "no field of view"),
+                                               (np.full((200, 300, 3), 255, np.uint8), "overexposed")],
                          ids=["black", "white"])
-def test_no_field_of_view(image: np.ndarray) -> None:
+def test_no_field_of_view(image: np.ndarray, reason: str) -> None:
     verdict = assess_gradability(image)
-    assert not verdict.gradable and verdict.reasons[0].startswith("no field of view")
+    assert not verdict.gradable and verdict.reasons[0].startswith(reason)
 
 
 def test_synthetic_pictures_pass_the_gate() -> None:
@@ -108,3 +109,34 @@ def test_dark_image_is_reported_ungradable_and_not_shown_to_the_model(tmp_path: 
     assert not dark["gradable"] and dark["answers"] == []
     assert dark["gradability_reasons"][0].startswith("underexposed")
     assert report["eyes"]["L"]["gradable"] is False and report["eyes"]["R"]["gradable"] is True
+
+
+# the reason each synthetic defect must be rejected for
+DEFECT_REASONS = {"underexposed": "underexposed", "overexposed": "overexposed", "defocused": "out of focus",
+                  "vignetted": "small field", "off_centre": "field not covered"}
+
+
+@pytest.mark.parametrize("defect", list(DEFECT_REASONS))
+def test_synthetic_defects_are_caught_with_their_reason(defect: str) -> None:
+    from fundusrt.synth import draw_fundus, random_case
+    from fundusrt.synth.quality import DEFECTS, apply_defect
+
+    assert set(DEFECTS) == set(DEFECT_REASONS)
+    for seed in range(6):
+        clean = draw_fundus(random_case(seed, 384 + 32 * seed, 384))[0]
+        verdict = assess_gradability(apply_defect(clean, defect, seed))
+        assert not verdict.gradable and verdict.reasons[0].startswith(DEFECT_REASONS[defect]), (seed, verdict)
+
+
+def test_gate_figures_on_synthetic_cases(capsys) -> None:
+    from fundusrt.cli import main
+    from fundusrt.synth.quality import UNGRADABLE_RATE, defect_for
+
+    drawn = [defect_for(seed) for seed in range(4000)]
+    assert abs(sum(d is not None for d in drawn) / len(drawn) - UNGRADABLE_RATE) < 0.02
+    # seeds 0-39 hold these defects: the gate must catch each and pass the rest
+    assert main(["protocol", "gate", "--count", "40", "--first-seed", "0"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    ungradable = sum(defect_for(seed) is not None for seed in range(40))
+    assert figures["sensitivity"]["n"] == ungradable > 0 and figures["specificity"]["n"] == 40 - ungradable
+    assert figures["sensitivity"]["value"] == 1.0 and figures["specificity"]["value"] == 1.0

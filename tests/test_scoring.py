@@ -71,7 +71,7 @@ def test_option_scores_equal_the_pytorch_reference(pipe: Pipeline, built: tuple[
         ours = scores[item.id]
         expected = {a: reference_log_likelihood(model, pipe, image, item.question, a) for a in item.answers}
         worst = max(abs(ours.log_likelihoods[a] - expected[a]) for a in item.answers)
-        assert worst < 1e-4, f"{item.id}: log-likelihood max abs diff {worst:.3g} ({ours.log_likelihoods} vs {expected})"
+        assert worst < 1e-4, f"{item.id}: log-likelihood max abs diff {worst:.3g}: {ours.log_likelihoods} vs {expected}"
         reference = np.exp(np.array(list(expected.values())) - max(expected.values()))
         reference /= reference.sum()
         np.testing.assert_allclose(list(ours.probabilities.values()), reference, atol=1e-4)

@@ -91,7 +91,8 @@ def _screening_lines(entries: list[dict[str, Any]]) -> list[str]:
         protocol = entry["protocol"]
         lines += ["", f"Screening protocol {protocol['name']} {protocol['version']} of {entry['package']} on "
                       f"{entry['count']} held-out synthetic cases (seeds from {entry['first_seed']}; pixel gate passed "
-                      f"{entry['pixel_gradable']}; {entry['mean_scoring_ms_per_image']:.0f} ms per image), 95% CIs:", "",
+                      f"{entry['pixel_gradable']}; {entry['mean_scoring_ms_per_image']:.0f} ms per image), "
+                      "95% CIs:", "",
                   "| item | accuracy | AUC | threshold | sensitivity | specificity |", "|---|---|---|---|---|---|"]
         for item_id, figures in entry["items"].items():
             threshold = f"{figures['threshold']:.3f}" if "threshold" in figures else "-"

@@ -4,6 +4,7 @@
     fundusrt protocol score --package PKG --count 400 [--set heldout|shifted] --out table.csv
     fundusrt protocol evaluate table.csv [--protocol FILE] [--json OUT]
     fundusrt protocol calibrate table.csv --protocol FILE --target-sensitivity 0.9 --out calibrated.json
+    fundusrt protocol gate --count 400
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate.add_argument("--protocol", type=Path, default=DEFAULT_PROTOCOL)
     calibrate.add_argument("--target-sensitivity", type=float, required=True)
     calibrate.add_argument("--out", type=Path, required=True, help="the calibrated protocol (a new file)")
+    gate = sub.add_parser("gate", help="the pixel gradability gate on synthetic cases with defects at realistic rates")
+    gate.add_argument("--count", type=int, default=400, help="cases (default: %(default)s)")
+    gate.add_argument("--first-seed", type=int, help="first seed (default: the demo's held-out seeds, 1000000)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
     from fundusrt.manifest import PackageError
 
     try:
-        return {"check": _check, "score": _score, "evaluate": _evaluate, "calibrate": _calibrate}[args.command](args)
+        commands = {"check": _check, "score": _score, "evaluate": _evaluate, "calibrate": _calibrate, "gate": _gate}
+        return commands[args.command](args)
     except (PackageError, ValueError, OSError) as exc:
         print(f"fundusrt protocol {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -117,4 +122,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: referral threshold {record['threshold']:.6f} for sensitivity >= "
           f"{args.target_sensitivity}: sensitivity {record['sensitivity']['value']:.3f}, specificity "
           f"{record['specificity']['value']:.3f} on {record['set_cases']} cases (table sha256 {record['set_sha256']})")
+    return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from fundusrt.bench.screening import HELDOUT_SEED_START, gate_figures
+
+    first = HELDOUT_SEED_START if args.first_seed is None else args.first_seed
+    print(json.dumps(gate_figures(args.count, first), indent=2))
     return 0

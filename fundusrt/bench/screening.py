@@ -99,6 +99,32 @@ def score_synthetic(pipeline: Any, count: int, which: str = "heldout", first_see
     return rows, summary
 
 
+def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START) -> dict[str, Any]:
+    """The pixel gradability gate on synthetic cases carrying defects at their realistic rate
+    (`fundusrt.synth.quality`): sensitivity = ungradable pictures refused, specificity = gradable ones passed,
+    with 95% intervals, and per defect how many were refused for the reason that names it."""
+    from fundusrt.synth.quality import defect_for, apply_defect
+
+    refused, passed, ungradable, per_defect = 0, 0, 0, {}
+    for seed in range(first_seed, first_seed + count):
+        image, _ = synthetic_image(seed, "heldout")
+        defect = defect_for(seed)
+        verdict = assess_gradability(image if defect is None else apply_defect(image, defect, seed))
+        if defect is None:
+            passed += verdict.gradable
+            continue
+        ungradable += 1
+        refused += not verdict.gradable
+        caught = per_defect.setdefault(defect, {"cases": 0, "refused": 0, "reasons": {}})
+        caught["cases"] += 1
+        caught["refused"] += not verdict.gradable
+        for reason in verdict.reasons:
+            key = reason.split(":")[0]
+            caught["reasons"][key] = caught["reasons"].get(key, 0) + 1
+    return {"first_seed": first_seed, "count": count, "sensitivity": wilson(refused, ungradable).to_dict(),
+            "specificity": wilson(passed, count - ungradable).to_dict(), "defects": per_defect}
+
+
 def write_table(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Write a scored table as CSV (atomically)."""
     buffer = io.StringIO()
@@ -119,7 +145,8 @@ def read_table(path: str | Path) -> tuple[list[Case], str]:
     reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
     missing = set(TABLE_COLUMNS) - set(reader.fieldnames or ())
     if missing:
-        raise ValueError(f"{path}: a scored table needs the columns {', '.join(TABLE_COLUMNS)}; missing {sorted(missing)}")
+        raise ValueError(f"{path}: a scored table needs the columns {', '.join(TABLE_COLUMNS)}; "
+                         f"missing {sorted(missing)}")
     rows = []
     for line, row in enumerate(reader, 2):
         try:

@@ -32,6 +32,9 @@ MIN_MEAN_LUMA = 25.0
 # cannot be told from a burnt-out background: an overexposed photograph
 SATURATED_LUMA = 245
 MAX_SATURATED_SHARE = 0.25
+# mean field luma above which the picture is washed out even where it is not saturated (the real
+# photograph's is 121, synthetic ones 83-116)
+MAX_MEAN_LUMA = 200.0
 # luma standard deviation over the mean across the field below which the vessels and the disc do
 # not stand out: haze (cataract, a dirty lens, flare); half the real photograph's 0.146
 MIN_CONTRAST = 0.07
@@ -42,6 +45,9 @@ MIN_SHARPNESS = 0.012
 # share of the round field (its diameter being the field's long side) that is inside the frame and lit;
 # below it, much of the retina is outside the picture (off-centre or a partly out-of-field capture)
 MIN_COVERAGE = 0.7
+# field diameter over the frame's short side below which the light reached only the middle of the
+# retina: a small pupil or heavy vignetting (cameras frame the whole field: the real photograph's is 1.0)
+MIN_FIELD_SIZE = 0.6
 # pixels this close to the field's rim (fraction of the radius) are left out: vignetting and flare
 _INNER_FRACTION = 0.9
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -55,7 +61,7 @@ class Gradability:
         gradable: every check passed.
         reasons: why not, one sentence per failed check (empty when gradable).
         measures: the measured values, by check name ("mean_luma", "saturated_share", "contrast",
-            "sharpness", "coverage"), for reports and threshold tuning.
+            "sharpness", "coverage", "field_size"), for reports and threshold tuning.
     """
 
     gradable: bool
@@ -78,7 +84,12 @@ def assess_gradability(image: np.ndarray) -> Gradability:
     check_image(image)
     roi = find_fundus_roi(image)
     if roi is None:
-        return Gradability(False, ["no field of view found: the picture is blank, fully dark or fully bright"])
+        # no dark surround to tell the field from: burnt out (bright everywhere), or nothing lit at all
+        frame_mean = float((image.astype(np.float32) @ _LUMA).mean())
+        if frame_mean > MAX_MEAN_LUMA / 2:
+            return Gradability(False, [f"overexposed: the whole picture is bright (mean {frame_mean:.0f} of 255) "
+                                       "and no field of view stands out"], {"mean_luma": round(frame_mean, 4)})
+        return Gradability(False, ["no field of view found: the picture is blank or too dark to find the retina"])
     x0, y0, x1, y1 = roi
     diameter = max(x1 - x0, y1 - y0)
     step = max(1, round(diameter / WORK_DIAMETER))
@@ -104,6 +115,7 @@ def assess_gradability(image: np.ndarray) -> Gradability:
         "sharpness": _sharpness(luma, inner, mean),
         # lit pixels inside the full circle over its area (the part beyond the frame counts as missing)
         "coverage": float((lit & (distance <= radius)).sum() / (math.pi * radius * radius)),
+        "field_size": diameter / min(image.shape[:2]),
     }
     reasons = []
     if measures["mean_luma"] < MIN_MEAN_LUMA:
@@ -111,6 +123,8 @@ def assess_gradability(image: np.ndarray) -> Gradability:
     if measures["saturated_share"] > MAX_SATURATED_SHARE:
         reasons.append(f"overexposed: {measures['saturated_share']:.0%} of the field is saturated "
                        f"(> {MAX_SATURATED_SHARE:.0%})")
+    elif measures["mean_luma"] > MAX_MEAN_LUMA:
+        reasons.append(f"overexposed: mean field brightness {mean:.0f} > {MAX_MEAN_LUMA:.0f} of 255 (washed out)")
     if measures["contrast"] < MIN_CONTRAST:
         reasons.append(f"low contrast: {measures['contrast']:.3f} < {MIN_CONTRAST} (haze, flare or a dirty lens)")
     if measures["sharpness"] < MIN_SHARPNESS:
@@ -118,6 +132,9 @@ def assess_gradability(image: np.ndarray) -> Gradability:
     if measures["coverage"] < MIN_COVERAGE:
         reasons.append(f"field not covered: {measures['coverage']:.0%} of the round field is in the picture "
                        f"(< {MIN_COVERAGE:.0%}; off-centre or partly out of the frame)")
+    if measures["field_size"] < MIN_FIELD_SIZE:
+        reasons.append(f"small field: the lit field spans {measures['field_size']:.0%} of the frame "
+                       f"(< {MIN_FIELD_SIZE:.0%}; small pupil or vignetting)")
     return Gradability(not reasons, reasons, {k: round(v, 4) for k, v in measures.items()})
 
 

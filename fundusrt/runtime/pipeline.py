@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ class Pipeline:
                 total = float(first[ids[0]])
                 if len(ids) > 1:  # later tokens need the earlier ones in the cache: a branch per option
                     branch = item_session.fork()
-                    for previous, token in zip(ids, ids[1:], strict=False):
+                    for previous, token in itertools.pairwise(ids):
                         total += float(_log_softmax(branch.decode(previous))[token])
                 log_likelihoods[option] = total
             probs = probabilities(list(log_likelihoods.values()))

@@ -115,14 +115,16 @@ class StudyReport:
         lines = [f"Study {self.study_instance_uid or '(no StudyInstanceUID)'} - model {self.package.get('name', '?')}"]
         if self.screening:
             protocol = self.screening["protocol"]
-            lines.append(f"Screening decision: {_decision_text(self.screening['decision'])} (protocol {protocol['name']} "
-                         f"{protocol['version']}, referral threshold {self.screening['threshold']:.2f})")
+            lines.append(f"Screening decision: {_decision_text(self.screening['decision'])} (protocol "
+                         f"{protocol['name']} {protocol['version']}, referral threshold "
+                         f"{self.screening['threshold']:.2f})")
         for eye, report in self.eyes().items():
             title = EYE_NAMES.get(eye, "Eye not recorded")
             lines += ["", f"{title}: {len(report['images'])} image(s)"]
             if "decision" in report:
-                lines.append(f"  Decision: {_decision_text(report['decision'])}" + (
-                    f" (P = {report['referral_probability']:.2f})" if report["referral_probability"] is not None else ""))
+                p_refer = report["referral_probability"]
+                lines.append(f"  Decision: {_decision_text(report['decision'])}"
+                             + (f" (P = {p_refer:.2f})" if p_refer is not None else ""))
                 lines += [f"  {item_id}: {item['answer']} ({item['probabilities'][item['answer']]:.2f})"
                           for item_id, item in report["items"].items()]
             lines += [report["report"]] if report["report"] else []
