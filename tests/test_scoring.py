@@ -125,3 +125,40 @@ def test_questions_the_protocol_scores_are_not_asked_again(built: tuple[Path, Pa
     data = pipe.run_study(study).to_dict()
     assert all([a["question"] for a in i["answers"]] == ["Describe the optic disc."] for i in data["images"])
     assert all(pipe.protocol.items[1].id in i["items"] for i in data["images"])
+
+
+def test_which_protocol_runs(built: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from _real_fundus import right_eye
+    from test_real_photos import write_photo
+
+    from fundusrt.cli import main
+    from fundusrt.runtime.protocol import PROTOCOL_NAME
+
+    package = tmp_path / "pkg"
+    shutil.copytree(built[1], package)
+    study = tmp_path / "study"
+    study.mkdir()
+    write_photo(study / "right.dcm", right_eye(), "R")
+    own = json.loads(DEFAULT_PROTOCOL.read_text()) | {"name": "package-own"}
+    own["items"] = own["items"][:2]
+    (package / PROTOCOL_NAME).write_text(json.dumps(own))
+    given = json.loads(DEFAULT_PROTOCOL.read_text()) | {"name": "given"}
+    (tmp_path / "given.json").write_text(json.dumps(given))
+
+    def run(*extra: str) -> dict:
+        out = tmp_path / "report.json"
+        assert main(["run", str(study), "--package", str(package), "--json", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+
+    report = run()  # the package's own protocol when it carries one
+    assert report["screening"]["protocol"]["name"] == "package-own"
+    assert list(report["eyes"]["R"]["items"]) == ["laterality", "referable_dr"]
+    report = run("--protocol", str(tmp_path / "given.json"))  # --protocol wins
+    assert report["screening"]["protocol"]["name"] == "given" and len(report["eyes"]["R"]["items"]) == 5
+    given["format_version"] = 99
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    capsys.readouterr()
+    assert main(["run", str(study), "--package", str(package), "--protocol", str(tmp_path / "given.json")]) == 1
+    assert "format_version 99, newer than this fundusrt reads" in capsys.readouterr().err
