@@ -22,6 +22,8 @@ _EXTRA_FOR: dict[str, str | tuple[str, ...]] = {
     "psutil": "bench",
     "pynetdicom": "node",
     "highdicom": "node",
+    "fpdf": "node",
+    "pypdf": "dev",
     "hypothesis": "dev",
 }
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fundusrt._deps import require
-from fundusrt.dicom.capture import build_capture, build_encapsulated_pdf, build_pdf_document, report_lines
+from fundusrt.dicom.capture import build_capture, build_encapsulated_pdf
 from fundusrt.dicom.findings import study_findings
+from fundusrt.dicom.pdf_report import build_pdf_report
 from fundusrt.dicom.sr import ResultWriteError, build_sr, load_sources, save_dataset
 from fundusrt.manifest import atomic_write_text
 
@@ -60,8 +61,7 @@ def write_results(report: Any, out_dir: str | Path, write_pdf: bool = False) -> 
             continue
         written.append(ResultFile(sc.SOPInstanceUID, save_dataset(sc, out_dir / f"SC_{sc.SOPInstanceUID}.dcm")))
     if write_pdf:
-        pdf = build_encapsulated_pdf(build_pdf_document(report_lines(eyes, data.get("package") or {})),
-                                     list(sources.values()))
+        pdf = build_encapsulated_pdf(build_pdf_report(data, eyes, sources), list(sources.values()))
         written.append(ResultFile(pdf.SOPInstanceUID, save_dataset(pdf, out_dir / f"PDF_{pdf.SOPInstanceUID}.dcm")))
     json_path = out_dir / f"report_{sr.SOPInstanceUID}.json"
     atomic_write_text(json_path, json.dumps({**data, "result_warnings": warnings}, indent=2, ensure_ascii=False)
