@@ -5,6 +5,10 @@ shuffle, Qwen2.5-0.5B decoder), writes it as a native checkpoint, exports the pa
 each side in its own subprocess (so peak RSS is per side) with the same prompt and image:
 
     python benchmarks/bench_e2e.py [--vocab-size 151674] [--new-tokens 32] [--threads N] [--workdir DIR]
+                                   [--decoders torch,int4]
+
+--decoders lists the packages measured: "torch" (the decoder exported by torch.onnx, fp32) and/or
+"fp32" / "int8" / "int4" (decoders built by onnxruntime-genai, see `fundusrt export --decoder`).
 
 Prints vision ms, prefill ms, decode tok/s, end-to-end ms and peak RSS for both sides, and the ratios.
 Both sides decode greedily for exactly --new-tokens tokens (stop tokens ignored), with the same
@@ -145,6 +149,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, default=None, help="keep checkpoint and package here")
+    parser.add_argument("--decoders", default="torch,int4", help="packages measured: torch, fp32, int8, int4")
     parser.add_argument("--worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,37 +162,43 @@ def main() -> int:
 
     from fundusrt.bench.machine import cpu_summary
     from fundusrt.export import export_package
+    from fundusrt.export.genai import GenaiDecoderOptions
     from fundusrt.models.layouts import native
     from fundusrt.models.lvlm import LVLM
     from fundusrt.models.tokenizer import build_tokenizer
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fundusrt-bench-"))
-    checkpoint, package = workdir / "checkpoint", workdir / "package"
+    checkpoint = workdir / "checkpoint"
     if not checkpoint.exists():
         t = time.perf_counter()
         torch.manual_seed(0)
         native.save(LVLM(fundusexpert_mini_config(args.vocab_size), build_tokenizer()).eval(), checkpoint)
         print(f"random checkpoint written in {time.perf_counter() - t:.0f} s: {checkpoint}", flush=True)
-    if not package.exists():
-        t = time.perf_counter()
-        export_package(checkpoint, package, max_seq_len=2048)
-        print(f"package exported in {time.perf_counter() - t:.0f} s: {package}", flush=True)
-
-    results = {"transformers eager": _run_worker("torch", checkpoint, args),
-               "fundusrt ORT": _run_worker("ort", package, args)}
-    torch_r, ort_r = results["transformers eager"], results["fundusrt ORT"]
+    results = {"transformers eager": _run_worker("torch", checkpoint, args)}
+    for decoder in args.decoders.split(","):
+        package = workdir / f"package-{decoder}"
+        if not package.exists():
+            t = time.perf_counter()
+            genai = None if decoder == "torch" else GenaiDecoderOptions(precision=decoder)
+            export_package(checkpoint, package, max_seq_len=2048, genai_decoder=genai)
+            print(f"package exported in {time.perf_counter() - t:.0f} s: {package}", flush=True)
+        results[f"ORT, {decoder} decoder"] = _run_worker("ort", package, args)
+    torch_r = results["transformers eager"]
     print(f"CPU: {cpu_summary()}")
     print(f"\nFundusExpert-mini shape, 1 tile at 448 px, prompt {torch_r['prompt_len']} tokens, "
           f"{args.new_tokens} new tokens, {args.threads} threads, vocab {args.vocab_size}")
-    print(f"{'':20s}{'vision ms':>12s}{'prefill ms':>12s}{'decode tok/s':>14s}{'e2e ms':>12s}{'peak RSS MiB':>14s}")
+    print(f"{'':24s}{'vision ms':>12s}{'prefill ms':>12s}{'decode tok/s':>14s}{'e2e ms':>12s}{'peak RSS MiB':>14s}")
     for name, r in results.items():
-        print(f"{name:20s}{r['vision_ms']:12.0f}{r['prefill_ms']:12.0f}{r['decode_tok_s']:14.2f}"
+        print(f"{name:24s}{r['vision_ms']:12.0f}{r['prefill_ms']:12.0f}{r['decode_tok_s']:14.2f}"
               f"{r['e2e_ms']:12.0f}{r['peak_rss_mib']:14.0f}")
-    print(f"{'ORT speed-up':20s}{torch_r['vision_ms'] / ort_r['vision_ms']:11.2f}x"
-          f"{torch_r['prefill_ms'] / ort_r['prefill_ms']:11.2f}x{ort_r['decode_tok_s'] / torch_r['decode_tok_s']:13.2f}x"
-          f"{torch_r['e2e_ms'] / ort_r['e2e_ms']:11.2f}x{ort_r['peak_rss_mib'] / torch_r['peak_rss_mib']:13.2f}x (RSS ratio)")
-    same = sum(a == b for a, b in zip(torch_r["tokens"], ort_r["tokens"]))
-    print(f"greedy tokens identical: {same}/{args.new_tokens}")
+    for name, ort_r in results.items():
+        if name == "transformers eager":
+            continue
+        print(f"{'speed-up, ' + name.removeprefix('ORT, '):24s}{torch_r['vision_ms'] / ort_r['vision_ms']:11.2f}x"
+              f"{torch_r['prefill_ms'] / ort_r['prefill_ms']:11.2f}x{ort_r['decode_tok_s'] / torch_r['decode_tok_s']:13.2f}x"
+              f"{torch_r['e2e_ms'] / ort_r['e2e_ms']:11.2f}x{ort_r['peak_rss_mib'] / torch_r['peak_rss_mib']:13.2f}x (RSS ratio)")
+        same = sum(a == b for a, b in zip(torch_r["tokens"], ort_r["tokens"]))
+        print(f"{'':24s}greedy tokens equal to transformers: {same}/{args.new_tokens}")
     return 0
 
 
