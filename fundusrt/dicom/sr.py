@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fundusrt._deps import require
-from fundusrt.dicom.findings import CodedItem, EyeFindings, LesionBox, study_findings
+from fundusrt.dicom.findings import CodedItem, CodeTuple, EyeFindings, LesionBox, study_findings
 from fundusrt.dicom.select import clean_uid
 from fundusrt.manifest import atomic_write_bytes
 
@@ -37,8 +37,6 @@ SR_SERIES_NUMBER = 900
 SC_SERIES_NUMBER = 901
 PDF_SERIES_NUMBER = 902
 
-# (code value, scheme, meaning)
-CodeTuple = tuple[str, str, str]
 RETINA: CodeTuple = ("5665001", "SCT", "Retina")
 LATERALITY: dict[str, CodeTuple] = {"R": ("24028007", "SCT", "Right"), "L": ("7771000", "SCT", "Left")}
 SCREENING_DECISION: CodeTuple = ("screen-decision", PRIVATE_SCHEME, "Screening decision")

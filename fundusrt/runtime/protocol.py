@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ DEFAULT_PROTOCOL = Path(__file__).parent / "protocols" / "synthetic-screening.js
 ROLES = ("gradability", "laterality", "finding", "grade")
 # SNOMED CT, DICOM, and the private scheme the SR declares (fundusrt.dicom.sr.PRIVATE_SCHEME)
 CODE_SCHEMES = ("SCT", "DCM", "99FUNDUSRT")
-DECISIONS = ("refer", "no_refer", "ungradable")
 _ITEM_ID = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -63,6 +62,7 @@ class Code:
     meaning: str
 
     def to_dict(self) -> dict[str, str]:
+        """The JSON form used in protocol files and reports."""
         return {"value": self.value, "scheme": self.scheme, "meaning": self.meaning}
 
 
@@ -87,9 +87,11 @@ class Item:
 
     @property
     def answers(self) -> list[str]:
+        """The option texts, in protocol order (for a grade: increasing severity)."""
         return [o.answer for o in self.options]
 
     def option(self, answer: str) -> Option:
+        """The option whose text is `answer`."""
         return next(o for o in self.options if o.answer == answer)
 
 
@@ -114,9 +116,9 @@ class Protocol:
     report_questions: tuple[str, ...] = ()
     sha256: str = ""
     source: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def item(self, item_id: str) -> Item:
+        """The item with id `item_id`."""
         return next(i for i in self.items if i.id == item_id)
 
     def identity(self) -> dict[str, str]:
@@ -171,7 +173,7 @@ def parse_protocol(data: Any, sha256: str = "", source: str = "protocol") -> Pro
     if not isinstance(report, list) or not all(isinstance(q, str) and q.strip() for q in report):
         raise ProtocolError(f"{source}: report_questions must be a list of non-empty strings")
     return Protocol(name=name, version=proto_version, items=items, referral=_referral(data.get("referral"), items,
-                    source), report_questions=tuple(report), sha256=sha256, source=source, raw=data)
+                    source), report_questions=tuple(report), sha256=sha256, source=source)
 
 
 def _code(value: Any, where: str) -> Code:
