@@ -91,6 +91,7 @@ def test_study_report_screens_each_eye(pipe: Pipeline, tmp_path: Path) -> None:
     data = pipe.run_study(study).to_dict()
     protocol = pipe.protocol
     screening = data["screening"]
+    assert data["format"] == "fundusrt-report/1"
     assert screening["protocol"] == protocol.identity() and screening["threshold"] == protocol.referral.threshold
     left, right = data["eyes"]["L"], data["eyes"]["R"]
     assert (left["decision"], left["gradable"], left["items"]) == ("ungradable", False, {})

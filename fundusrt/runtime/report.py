@@ -10,6 +10,8 @@ from typing import Any
 from fundusrt.manifest import atomic_write_text
 
 EYE_NAMES = {"R": "Right eye (OD)", "L": "Left eye (OS)"}
+# the JSON report's schema version (fundusrt/runtime/protocols/README.md); 1 added screening to the earlier keys
+REPORT_FORMAT = "fundusrt-report/1"
 UNKNOWN_EYE = "unknown"
 
 
@@ -95,6 +97,7 @@ class StudyReport:
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see `write_json`)."""
         return {
+            "format": REPORT_FORMAT,
             "study_instance_uid": self.study_instance_uid,
             "package": self.package,
             "screening": self.screening,
