@@ -88,20 +88,20 @@ def _check_io(path: Path, spec: DecoderSpec) -> None:
                            f"{sorted(want_out - outputs)} the runtime needs; this builder version is not supported")
 
 
-def _logits_of_last_position(path: Path) -> bool:
+def _logits_of_last_position(path: Path) -> None:
     """Make the builder's decoder compute logits for the last position only, as the runtime's contract says.
 
     The builder's graph projects every prompt position onto the vocabulary (151,674 x 896 per position for
     Qwen2.5-0.5B: about a quarter of a 300-token prefill) though only the last is ever read. A Slice of the
-    hidden states before the LM head removes that work. Returns False, leaving the graph as it is, when the
-    logits do not come straight from a MatMul (the runtime reads the last row either way).
+    hidden states before the LM head removes that work. The graph is left as it is when the logits do not
+    come straight from a MatMul (the runtime reads the last row either way).
     """
     onnx = require("onnx", "building decoders with onnxruntime-genai")
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     head = next((node for node in graph.node if "logits" in node.output), None)
     if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
-        return False
+        return
     hidden, last = head.input[0], f"{head.input[0]}/last_position"
     graph.initializer.extend([
         onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_position/starts"),
@@ -117,7 +117,6 @@ def _logits_of_last_position(path: Path) -> bool:
     logits.type.tensor_type.shape.dim[1].Clear()
     logits.type.tensor_type.shape.dim[1].dim_value = 1
     onnx.save(model, str(path))  # the weights stay in their external-data file, untouched
-    return True
 
 
 def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: GenaiDecoderOptions) -> list[Path]:
