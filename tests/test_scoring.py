@@ -19,18 +19,10 @@ from fundusrt.runtime.protocol import DEFAULT_PROTOCOL, parse_protocol
 
 torch = pytest.importorskip("torch")
 
+from tests.test_runtime_pipeline import built, pipe  # noqa: E402,F401  (the same package and pipeline fixtures)
+
 SINGLE = ["A", "B", "C"]
 MULTI = ["proliferative retinopathy", "no apparent retinopathy", "Left"]
-
-
-@pytest.fixture(scope="module")
-def built(tiny_package) -> tuple[Path, Path]:
-    return tiny_package("siglip-dense", seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(built: tuple[Path, Path]) -> Pipeline:
-    return load_package(built[1], threads=1)
 
 
 def protocol_with(items: dict[str, list[str]]):
