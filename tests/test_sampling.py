@@ -1,6 +1,11 @@
-"""Sampler transforms against transformers' own logits processors and direct numpy formulas."""
+"""Sampler transforms against transformers' own logits processors and direct numpy formulas.
+
+The transformers comparisons skip on a runtime-only install (no torch); the numpy ones always run.
+"""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,9 +20,6 @@ from fundusrt.runtime.sampling import (
     top_p_mask,
 )
 
-torch = pytest.importorskip("torch")
-logits_process = pytest.importorskip("transformers.generation.logits_process")
-
 VOCAB = 257
 
 
@@ -25,18 +27,26 @@ def _logits(seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(VOCAB) * 3).astype(np.float32)
 
 
-def _hf(processor, logits: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
-    input_ids = torch.tensor([ids or [0]], dtype=torch.long)
-    return processor(input_ids, torch.from_numpy(logits.copy())[None]).numpy()[0]
+@pytest.fixture(scope="module")
+def hf() -> SimpleNamespace:
+    """transformers' logits processors (`hf.lp`) and `hf.apply(processor, logits, ids)` on numpy logits."""
+    torch = pytest.importorskip("torch")
+    logits_process = pytest.importorskip("transformers.generation.logits_process")
+
+    def apply(processor, logits: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
+        input_ids = torch.tensor([ids or [0]], dtype=torch.long)
+        return processor(input_ids, torch.from_numpy(logits.copy())[None]).numpy()[0]
+
+    return SimpleNamespace(lp=logits_process, apply=apply)
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
-def test_repetition_penalty_matches_transformers(seed: int, penalty: float) -> None:
+def test_repetition_penalty_matches_transformers(hf: SimpleNamespace, seed: int, penalty: float) -> None:
     logits = _logits(seed)
     ids = np.random.default_rng(seed + 100).integers(0, VOCAB, 40).tolist()  # with repeats
     ours = apply_repetition_penalty(logits, ids, penalty)
-    theirs = _hf(logits_process.RepetitionPenaltyLogitsProcessor(penalty), logits, ids)
+    theirs = hf.apply(hf.lp.RepetitionPenaltyLogitsProcessor(penalty), logits, ids)
     np.testing.assert_array_equal(ours, theirs)
     untouched = np.setdiff1d(np.arange(VOCAB), ids)
     np.testing.assert_array_equal(ours[untouched], logits[untouched])
@@ -44,10 +54,10 @@ def test_repetition_penalty_matches_transformers(seed: int, penalty: float) -> N
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("k", [1, 5, 50, VOCAB + 3])
-def test_top_k_matches_transformers_and_formula(seed: int, k: int) -> None:
+def test_top_k_matches_transformers_and_formula(hf: SimpleNamespace, seed: int, k: int) -> None:
     logits = _logits(seed)
     ours = top_k_mask(logits, k)
-    theirs = _hf(logits_process.TopKLogitsWarper(k), logits)
+    theirs = hf.apply(hf.lp.TopKLogitsWarper(k), logits)
     np.testing.assert_array_equal(ours, theirs)
     kept = set(np.flatnonzero(np.isfinite(ours)))
     assert kept == set(np.argsort(-logits)[:k].tolist())
@@ -55,10 +65,10 @@ def test_top_k_matches_transformers_and_formula(seed: int, k: int) -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 0.999])
-def test_top_p_matches_transformers_and_formula(seed: int, p: float) -> None:
+def test_top_p_matches_transformers_and_formula(hf: SimpleNamespace, seed: int, p: float) -> None:
     logits = _logits(seed)
     ours = top_p_mask(logits, p)
-    theirs = _hf(logits_process.TopPLogitsWarper(p), logits)
+    theirs = hf.apply(hf.lp.TopPLogitsWarper(p), logits)
     np.testing.assert_array_equal(ours, theirs)
     # Direct rule: keep a token when the mass of the tokens more likely than it is below p.
     probs = softmax(logits.astype(np.float64))

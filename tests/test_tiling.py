@@ -1,4 +1,7 @@
-"""Tiling policies against transformers' own implementations and the reference test vectors."""
+"""Tiling policies against transformers' own implementations and the reference test vectors.
+
+The transformers comparisons skip on a runtime-only install; the reference vectors and geometry always run.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,18 @@ from fundusrt.kernels.tiling import (
     plan_tiles,
 )
 
-got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
-hf_utils = pytest.importorskip("transformers.image_processing_utils")
+
+@pytest.fixture(scope="module")
+def got_ocr2():
+    """transformers' InternVL (GOT-OCR2) tiling, the reference for our grid choice."""
+    return pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+
+
+@pytest.fixture(scope="module")
+def hf_utils():
+    """transformers' LLaVA-NeXT AnyRes helpers."""
+    return pytest.importorskip("transformers.image_processing_utils")
+
 
 LLAVA16_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]  # (w, h)
 ONEVISION_PINPOINTS = [(384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)]  # (w, h)
@@ -60,7 +73,7 @@ def _sizes(count: int, seed: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("max_tiles", [1, 4, 6, 12])
-def test_internvl_grid_matches_transformers_and_fundusexpert(max_tiles: int) -> None:
+def test_internvl_grid_matches_transformers_and_fundusexpert(got_ocr2, max_tiles: int) -> None:
     mismatches = []
     for width, height in _sizes(1500, seed=max_tiles):
         ours = internvl_grid(width, height, 1, max_tiles, 448)
@@ -72,7 +85,7 @@ def test_internvl_grid_matches_transformers_and_fundusexpert(max_tiles: int) -> 
     assert not mismatches, f"{len(mismatches)} grid mismatches (size, ours, transformers, FundusExpert): {mismatches[:5]}"
 
 
-def test_internvl_grid_min_tiles_matches_transformers() -> None:
+def test_internvl_grid_min_tiles_matches_transformers(got_ocr2) -> None:
     for width, height in _sizes(400, seed=99):
         for min_tiles, max_tiles in ((2, 6), (3, 12)):
             ours = internvl_grid(width, height, min_tiles, max_tiles, 384)
@@ -127,7 +140,7 @@ def test_internvl_thumbnail_rules() -> None:
 
 
 @pytest.mark.parametrize("pinpoints", [LLAVA16_PINPOINTS, ONEVISION_PINPOINTS])
-def test_anyres_best_resolution_matches_transformers(pinpoints) -> None:
+def test_anyres_best_resolution_matches_transformers(hf_utils, pinpoints) -> None:
     hf_pinpoints = [(h, w) for w, h in pinpoints]  # transformers uses (height, width)
     mismatches = []
     for width, height in _sizes(1500, seed=len(pinpoints)):
@@ -157,7 +170,7 @@ def test_anyres_reference_vectors(size, best, grid) -> None:
     assert plan.num_tiles == 1 + grid[0] * grid[1]
 
 
-def test_anyres_resize_and_pad_matches_transformers() -> None:
+def test_anyres_resize_and_pad_matches_transformers(hf_utils) -> None:
     for width, height in _sizes(600, seed=7):
         target = anyres_best_resolution(width, height, ONEVISION_PINPOINTS)
         ours = anyres_resized_size(width, height, target)
