@@ -11,6 +11,8 @@ ORT values between steps, through IO binding:
   next step's `past_key_values.*` inputs without leaving ORT (on CUDA they stay on the GPU). Past values
   are never written to (every step allocates its presents from ORT's arena), so `fork()` shares them.
 - In `decode` the embed session's output is bound straight into the decoder.
+- With the CUDA providers, images are patchified on the GPU by fundusrt's CUDA kernels and the vision
+  session reads the tiles by device pointer (IO binding): no host round trip for pixels.
 - copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id, mask and
   positions of each step (a few bytes), and the logits back to numpy (vocab floats per position).
 """
@@ -59,19 +61,35 @@ def _numpy_type(onnx_type: str, where: str) -> type:
 class OrtSession:
     """A stateless component session: casts inputs to the model's types and returns numpy outputs."""
 
-    def __init__(self, session: Any, component: str) -> None:
+    def __init__(self, session: Any, component: str, device_id: int = 0) -> None:
         self.session = session
         self.component = component
+        self.device_id = device_id
         self.input_types = {i.name: _numpy_type(i.type, f"{component} input {i.name}") for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on named numpy inputs; return every output by name."""
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Run on named inputs (numpy, or device arrays with __cuda_array_interface__); return numpy outputs."""
         missing = set(self.input_types) - set(inputs)
         if missing:
             raise ValueError(f"{self.component} needs inputs {sorted(missing)}; got {sorted(inputs)}")
-        feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+        if not any(hasattr(value, "__cuda_array_interface__") for value in inputs.values()):
+            feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
+            return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+        binding = self.session.io_binding()
+        for name, dtype in self.input_types.items():
+            interface = getattr(inputs[name], "__cuda_array_interface__", None)
+            if interface is None:
+                binding.bind_cpu_input(name, np.ascontiguousarray(inputs[name], dtype=dtype))
+                continue
+            if np.dtype(interface["typestr"]) != dtype:
+                raise PackageError(f"{self.component} input {name} is {np.dtype(dtype)} but the device array is "
+                                   f"{np.dtype(interface['typestr'])}; patchify with that dtype")
+            binding.bind_input(name, "cuda", self.device_id, dtype, list(interface["shape"]), interface["data"][0])
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return {name: value.numpy() for name, value in zip(self.output_names, binding.get_outputs(), strict=True)}
 
 
 class OrtDecoderSession:
@@ -217,11 +235,34 @@ def open_package(package_dir: Path, manifest: Manifest, *, threads: int | None,
         _check_io(raw[component], manifest, component)
     device = _DEVICE_FOR_PROVIDER.get(raw["decoder"].get_providers()[0], "cpu")
     embed = OrtSession(raw["embed"], "embed")
-    return PackageSessions(
-        vision=OrtSession(raw["vision"], "vision"),
+    vision = OrtSession(raw["vision"], "vision")
+    sessions = PackageSessions(
+        vision=vision,
         connector=OrtSession(raw["connector"], "connector"),
         embed=embed,
         decoder=OrtDecoderSession(raw["decoder"], embed, manifest.decoder, device),
         backend="",
         details={"providers": raw["decoder"].get_providers(), "device": device, "threads": threads},
     )
+    if device == "cuda":
+        sessions.patchify = _gpu_patchify(next(iter(vision.input_types.values())))
+    return sessions
+
+
+def _gpu_patchify(dtype: type) -> Any:
+    """Patching by fundusrt's CUDA kernels on device 0 (ORT's), synchronised before ORT's stream reads it."""
+    from fundusrt._deps import MissingDependencyError
+    from fundusrt.kernels.cuda.build import KernelBuildError
+    from fundusrt.kernels.cuda_patchify import CudaError, default_patchifier
+
+    try:
+        patchifier = default_patchifier(0)
+    except (CudaError, KernelBuildError, MissingDependencyError) as exc:
+        raise BackendError(f"the CUDA patching kernels cannot load, so the ONNX Runtime CUDA backend cannot take "
+                           f"images: {exc}") from exc
+
+    def patchify(image: np.ndarray, tiling: Any) -> Any:
+        # stream None: the call waits for its kernels, since ORT reads the tiles on a stream of its own.
+        return patchifier.patchify(image, tiling, dtype=dtype)
+
+    return patchify
