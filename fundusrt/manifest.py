@@ -13,6 +13,12 @@ exporter writes):
              With `decoder.kv_cache == "shared"` (onnxruntime-genai decoders: GroupQueryAttention), position_ids
              is absent, logits cover every new position, and past and present are one (batch, kv_heads,
              max_seq_len, head_dim) buffer written in place; attention_mask (batch, past+seq) says how much is valid.
+
+`extra` holds optional records; the one a package author sets by hand (or `fundusrt export --answers-mcq`):
+
+- `extra["mcq_prompt"]`: the multiple-choice prompt the model was trained to answer (only "vlmevalkit", the
+  VLMEvalKit prompt of `fundusrt.bench.metrics.mcq_prompt`, is known). `fundusrt bench` runs MCQ sets only
+  for packages that declare it; the others are measured on what they were trained to answer (their protocol).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ FORMAT_VERSION = 1
 COMPONENTS = ("vision", "connector", "embed", "decoder")
 # "concat": presents are past + new (a new buffer each step); "shared": one max_seq_len buffer updated in place.
 KV_CACHE_LAYOUTS = ("concat", "shared")
+# extra key: the MCQ prompt format the package answers (see the module docstring)
+MCQ_PROMPT_KEY = "mcq_prompt"
+MCQ_PROMPTS = ("vlmevalkit",)
 
 
 class PackageError(Exception):

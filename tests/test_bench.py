@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,11 @@ def test_quick_bench_runs_and_writes_well_formed_outputs(tmp_path: Path) -> None
     cpu = by_backend["ort-cpu"]
     assert len(cpu["package"]["manifest_sha256"]) == 64 and cpu["package"]["files"]
     assert cpu["peak_rss_mib"] > 0
+    # the demo package was never taught the VLMEvalKit MCQ prompt and does not declare it: its MCQ set is
+    # skipped with the reason, for the package and for the baseline run of its checkpoint
+    mcq = next(s["name"] for s in doc["eval_sets"] if s["kind"] == "mcq")
+    for config in (cpu, doc["baseline"]):
+        assert "does not declare the VLMEvalKit multiple-choice prompt" in config["sets"].pop(mcq)["skipped"]
     for name, data in cpu["sets"].items():
         assert "error" not in data, (name, data)
         e2e = data["latency"]["e2e_ms"]
@@ -211,6 +217,7 @@ def test_quick_bench_runs_and_writes_well_formed_outputs(tmp_path: Path) -> None
     assert baseline["backend"] == "transformers-eager" and set(baseline["sets"]) == set(cpu["sets"])
     markdown = (out / "bench.md").read_text(encoding="utf-8")
     assert markdown.count("| transformers-eager |") == 3 and markdown.count("| ort-cpu |") == 3
+    assert markdown.count(f"| {mcq} | skipped: package 'fundusrt-demo' does not declare") == 2, markdown
     # what the demo package was trained to answer, scored on held-out synthetic cases: it gets the eye right
     (screening,) = doc["screening"]
     assert screening["count"] == 8 and screening["protocol"]["name"] == "fundusrt-synthetic-screening"
@@ -222,6 +229,43 @@ def test_quick_bench_runs_and_writes_well_formed_outputs(tmp_path: Path) -> None
     # The synthetic sets the bench wrote are in the public formats and read back through the same readers.
     sets = {s["kind"]: read_eval_set(s["source"]) for s in doc["eval_sets"]}
     assert all(len(s.items) >= 1 and not s.issues for s in sets.values())
+    _declaring_package_runs_mcq(out / "work", sets["mcq"].source, tmp_path)
+
+
+def _declaring_package_runs_mcq(work: Path, tsv: str, tmp_path: Path) -> None:
+    """The same package declaring the MCQ prompt in its manifest runs the MCQ set; undeclared, it skips it."""
+    from fundusrt.bench.demo import ensure_demo_package
+    from fundusrt.bench.measure import MeasureSettings
+    from fundusrt.bench.runner import BenchPlan, run_bench
+    from fundusrt.manifest import MCQ_PROMPT_KEY, Manifest
+
+    _, package = ensure_demo_package(work, lambda line: None)  # built by the quick run: reused
+    declaring = tmp_path / "declaring"
+    shutil.copytree(package, declaring)
+    manifest = Manifest.load(declaring)
+    manifest.extra[MCQ_PROMPT_KEY] = "vlmevalkit"
+    manifest.save(declaring)
+    plan = BenchPlan(packages=[declaring, package], backends=["ort-cpu"], eval_sets=[Path(tsv)], baseline=False,
+                     settings=MeasureSettings(warmup=0, repeats=1, latency_items=1, limit=2, max_new_tokens=4),
+                     threads=1, bandwidth_mib=16)
+    declared, undeclared = run_bench(plan, lambda line: None)["configs"]
+    (name,) = declared["sets"]
+    assert declared["status"] == "ok" and declared["sets"][name]["accuracy"]["items"] == 2
+    assert set(undeclared["sets"][name]) == {"skipped"}
+
+
+def test_only_mcq_sets_need_a_declaration() -> None:
+    from fundusrt.bench.runner import skip_reason
+    from fundusrt.manifest import MCQ_PROMPT_KEY
+
+    class Fake:  # skip_reason reads only these two fields of a Manifest
+        def __init__(self, extra: dict[str, str]) -> None:
+            self.name, self.extra = "m", extra
+
+    assert skip_reason(Fake({}), "open") is None and skip_reason(Fake({}), "studies") is None
+    assert skip_reason(Fake({MCQ_PROMPT_KEY: "vlmevalkit"}), "mcq") is None
+    assert "does not declare" in skip_reason(Fake({}), "mcq")
+    assert "unknown MCQ prompt 'mmbench'" in skip_reason(Fake({MCQ_PROMPT_KEY: "mmbench"}), "mcq")
 
 
 def test_bad_inputs_fail_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

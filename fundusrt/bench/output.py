@@ -55,6 +55,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         if "error" in data:
             lines.append(f"| {label} | {backend} | {name} | error: {data['error']} |" + " |" * (len(_COLUMNS) - 4))
             continue
+        if "skipped" in data:
+            lines.append(f"| {label} | {backend} | {name} | skipped: {data['skipped']} |" + " |" * (len(_COLUMNS) - 4))
+            continue
         latency, stages = data["latency"], data["latency"]["stages"]
         e2e, ratios = latency["e2e_ms"], data.get("vs_baseline", {})
         efficiency = data.get("roofline", {}).get("efficiency")

@@ -7,6 +7,10 @@ silently. Derived figures, computed here from the workers' measurements:
 
 - ratios to the baseline (same evaluation set): e2e speed-up = baseline p50 / p50, TTFT speed-up,
   decode tok/s ratio = tok/s / baseline tok/s;
+- which sets a package runs: MCQ sets only for packages that declare the MCQ prompt they were
+  trained on (`manifest.extra["mcq_prompt"]`, see `fundusrt.manifest`); for the others an MCQ set is
+  recorded as skipped with the reason, since a model never taught the prompt scores near zero on it
+  and that figure says nothing about the package (its protocol items are scored by --screening);
 - roofline: decode efficiency = bytes per token x tok/s / memory bandwidth, where bytes per token
   is every decoder weight plus the KV cache at the mean decoding length
   (`fundusrt.bench.machine.decode_bytes_per_token`), and the bandwidth is the host's for CPU
@@ -30,6 +34,7 @@ from fundusrt.bench import machine
 from fundusrt.bench.baseline import BASELINE_NAME
 from fundusrt.bench.evalsets import read_eval_set, summarise
 from fundusrt.bench.measure import MeasureSettings
+from fundusrt.manifest import MCQ_PROMPT_KEY, MCQ_PROMPTS, Manifest
 from fundusrt.runtime.backends.base import BackendError, unavailable_reason
 
 GPU_BACKENDS = ("ort-cuda", "ort-trt")
@@ -79,6 +84,19 @@ def _set_names(paths: Sequence[Path]) -> list[str]:
             name, n = f"{base}-{n}", n + 1
         names.append(name)
     return names
+
+
+def skip_reason(manifest: Manifest, kind: str) -> str | None:
+    """Why a package does not run an evaluation set of this kind (None: it runs it)."""
+    if kind != "mcq":
+        return None
+    declared = manifest.extra.get(MCQ_PROMPT_KEY)
+    if declared in MCQ_PROMPTS:
+        return None
+    said = "does not declare" if declared is None else f"declares an unknown MCQ prompt {declared!r} instead of"
+    return (f"package {manifest.name!r} {said} the VLMEvalKit multiple-choice prompt it was trained on "
+            f"(manifest extra {MCQ_PROMPT_KEY!r}: {MCQ_PROMPTS[0]!r}; `fundusrt export --answers-mcq`); "
+            "its protocol items are scored by --screening instead")
 
 
 def _run_worker(spec: dict[str, Any], scratch: Path, label: str) -> dict[str, Any]:
@@ -147,7 +165,22 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None] = print) -> dict[str, 
     host_bw = machine.host_bandwidth(plan.bandwidth_mib)
     wants_gpu = any(b in GPU_BACKENDS and _backend_reason(b) is None for b in plan.backends)
     gpu_bw, gpu_how = machine.gpu_bandwidth() if wants_gpu else (None, "not measured: no GPU backend in this run")
-    common = {"threads": plan.threads, "eval_sets": [[str(p), n] for p, n in zip(plan.eval_sets, names, strict=True)]}
+    skips = [{summary["name"]: reason for summary in sets
+              if (reason := skip_reason(Manifest.load(package), summary["kind"])) is not None}
+             for package in plan.packages]
+    for identity, skipped in zip(identities, skips, strict=True):
+        for name, reason in skipped.items():
+            log(f"{identity['name']}: eval set {name} skipped: {reason}")
+
+    def spec_sets(p_index: int) -> dict[str, Any]:
+        """The worker spec's sets for a package: those it runs (the skipped are added to its result)."""
+        return {"threads": plan.threads, "eval_sets": [[str(p), n] for p, n in zip(plan.eval_sets, names, strict=True)
+                                                       if n not in skips[p_index]]}
+
+    def with_skipped(result: dict[str, Any], p_index: int) -> dict[str, Any]:
+        if "sets" in result:
+            result["sets"].update({n: {"skipped": reason} for n, reason in skips[p_index].items()})
+        return result
     configs: list[dict[str, Any]] = []
     baseline: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="fundusrt-bench-") as scratch_dir:
@@ -157,10 +190,11 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None] = print) -> dict[str, 
                         "exported from (--checkpoint)"}
         elif plan.baseline and plan.checkpoint is not None:
             log(f"baseline: {BASELINE_NAME} on {plan.checkpoint}")
-            spec = {**common, "engine": "baseline", "checkpoint": str(plan.checkpoint),
+            # the baseline runs the checkpoint of the first package, so it skips what that package skips
+            spec = {**spec_sets(0), "engine": "baseline", "checkpoint": str(plan.checkpoint),
                     "package": str(plan.packages[0]), "settings": dataclasses.asdict(plan.settings)}
             baseline = {"backend": BASELINE_NAME, "checkpoint": str(plan.checkpoint),
-                        **_run_worker(spec, scratch, "baseline")}
+                        **with_skipped(_run_worker(spec, scratch, "baseline"), 0)}
             if "sets" in baseline:
                 _roofline(baseline, plan.packages[0], host_bw, plan.settings)
         for p_index, (package, identity) in enumerate(zip(plan.packages, identities, strict=True)):
@@ -173,9 +207,9 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None] = print) -> dict[str, 
                     continue
                 log(f"{identity['name']} ({identity['precision']}) on {backend}")
                 settings = dataclasses.replace(plan.settings, sample_gpu_memory=backend in GPU_BACKENDS)
-                spec = {**common, "engine": "package", "package": str(package), "backend": backend,
+                spec = {**spec_sets(p_index), "engine": "package", "package": str(package), "backend": backend,
                         "settings": dataclasses.asdict(settings)}
-                result = _run_worker(spec, scratch, f"p{p_index}-{backend}")
+                result = with_skipped(_run_worker(spec, scratch, f"p{p_index}-{backend}"), p_index)
                 if "error" in result:
                     configs.append({**entry, "status": "error", **result})
                     continue

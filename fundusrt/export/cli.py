@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every backend incl. TensorRT); fp32/int8/int4: built by onnxruntime-genai "
                              "(GroupQueryAttention, KV written in place, int8/int4 weight-only MatMulNBits), the "
                              "fastest on ONNX Runtime CPU. Gate a quantised package with `fundusrt gate`.")
+    parser.add_argument("--answers-mcq", action="store_true",
+                        help="the model was trained on VLMEvalKit's multiple-choice prompt: declare it in the "
+                             "manifest so that `fundusrt bench` runs MCQ sets on this package (default: it does not)")
     parser.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per quantisation block (32)")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=(1, 2, 3, 4),
                         help="int8/int4: MatMulNBits compute, 4 = int8 dot products (default, fastest on CPUs)")
@@ -45,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
             precision=args.decoder, block_size=args.block_size, accuracy_level=args.accuracy_level)
         path = export_package(args.checkpoint, args.out, max_seq_len=args.max_seq_len,
                               max_tiles=args.max_tiles, overwrite=args.force, genai_decoder=genai,
-                              dtype=args.dtype)
+                              dtype=args.dtype, answers_mcq=args.answers_mcq)
     except (CheckpointError, ExportError, PackageError, ValueError) as exc:
         print(f"fundusrt export: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from fundusrt.export.onnx import OPSET, component_exports, decoder_spec, export_
 from fundusrt.manifest import (
     COMPONENTS,
     MANIFEST_NAME,
+    MCQ_PROMPT_KEY,
     ComponentSpec,
     Manifest,
     TensorSpec,
@@ -80,7 +81,8 @@ def _write_image_newline(model: LVLM, staging: Path, connector: ComponentSpec) -
 
 def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: int = 4096,
                    max_tiles: int | None = None, overwrite: bool = False,
-                   genai_decoder: GenaiDecoderOptions | None = None, dtype: str = "fp32") -> Path:
+                   genai_decoder: GenaiDecoderOptions | None = None, dtype: str = "fp32",
+                   answers_mcq: bool = False) -> Path:
     """Export a checkpoint into a model package.
 
     The package is assembled in a temporary sibling directory and renamed into place at the end,
@@ -97,6 +99,8 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         dtype: "fp32", "fp16" or "bf16": the weights and activations of the torch-exported components.
             Each tensor is converted as it is read from the checkpoint, so a 16-bit checkpoint is never
             held in fp32.
+        answers_mcq: the model was trained on VLMEvalKit's MCQ prompt: record it in the manifest
+            (`extra["mcq_prompt"]`) so that `fundusrt bench` runs MCQ sets on the package.
 
     Returns:
         the package directory.
@@ -139,6 +143,8 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         if genai_decoder is not None:
             extra["decoder_build"] = genai_decoder.describe()
         extra.update(_write_image_newline(model, staging, components["connector"]))
+        if answers_mcq:
+            extra[MCQ_PROMPT_KEY] = "vlmevalkit"
         tokenizer_path = staging / "tokenizer.json"
         atomic_write_text(tokenizer_path, model.tokenizer.to_str())
         manifest = Manifest(
