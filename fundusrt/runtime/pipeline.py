@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -23,7 +25,7 @@ from fundusrt.dicom.gradability import assess_gradability
 from fundusrt.manifest import MANIFEST_NAME, Manifest, PackageError, sha256_file
 from fundusrt.prompt import PromptError, build_input_ids
 from fundusrt.runtime.assembly import ANYRES_MAX_KEY, assemble_anyres_unpad, load_image_newline
-from fundusrt.runtime.backends.base import DecoderSession, PackageSessions, open_package
+from fundusrt.runtime.backends.base import DecoderSession, PackageSessions, host_patchify, open_package
 from fundusrt.runtime.generation import TextStream, generate_tokens
 from fundusrt.runtime.protocol import (
     DEFAULT_PROTOCOL,
@@ -46,6 +48,10 @@ DEFAULT_QUESTIONS = (
     "What is the diabetic retinopathy grade of this eye?",
 )
 SUPPORTED_IMAGE_LAYOUTS = ("flat", "anyres_unpad")
+# Most tiles per vision/connector call when a study's images are encoded together: the activations of a
+# call grow with its tiles (a ViT-L tile at 448 px holds about 0.3 GB of fp32 activations at its widest),
+# so the bound caps memory while still amortising the per-call overhead over several images.
+DEFAULT_MAX_TILES_PER_CALL = 16
 
 
 class NoFundusImageError(ValueError):
@@ -115,8 +121,11 @@ class Pipeline:
 
     def __init__(self, package_dir: Path, manifest: Manifest, sessions: PackageSessions, tokenizer: Tokenizer,
                  manifest_sha256: str, image_newline: np.ndarray | None = None,
-                 protocol: Protocol | None = None) -> None:
+                 protocol: Protocol | None = None, max_tiles_per_call: int = DEFAULT_MAX_TILES_PER_CALL) -> None:
         self.package_dir = package_dir
+        # bound on the tiles of one vision/connector call when run_study encodes several images at once
+        # (an image with more tiles than this still goes alone); 1 encodes one image at a time
+        self.max_tiles_per_call = max_tiles_per_call
         # the screening protocol run_study scores (see load_package for which one)
         self.protocol = protocol or load_protocol(DEFAULT_PROTOCOL)
         self.image_newline = image_newline
@@ -253,17 +262,22 @@ class Pipeline:
         if not study.images:
             detail = "; ".join(f"{e.file}: {e.status}: {e.reason}" for e in errors) or "no files were found"
             raise NoFundusImageError(f"the study has no fundus image ({detail})")
+        # the pixel checks come first: a model shown an unusable picture still answers, and its
+        # answers would pass for a normal eye
+        grades = [assess_gradability(image.pixels) for image in study.images]
+        # every gradable image's tiles go through the vision tower together, up to max_tiles_per_call
+        encodings = iter(self._encode_study([im.pixels for im, g in zip(study.images, grades, strict=True)
+                                             if g.gradable]))
         results = []
-        for image in study.images:
+        for image, grade in zip(study.images, grades, strict=True):
             image_start = time.perf_counter()
-            # the pixel checks come first: a model shown an unusable picture still answers, and its
-            # answers would pass for a normal eye
-            grade = assess_gradability(image.pixels)
             asked, answers, items, num_tiles, scoring_ms = [], [], {}, 0, 0.0
             try:
                 if grade.gradable:
                     asked = questions
-                    encoded = self.encode_image(image.pixels)
+                    encoded = next(encodings)
+                    if isinstance(encoded, ValueError):
+                        raise encoded
                     answers, scores = self._answer_and_score(encoded, asked, tasks, gen, None)
                     num_tiles = encoded.num_tiles
                     items = {s.item_id: item_result(protocol.item(s.item_id), s.probabilities) for s in scores.values()}
@@ -300,23 +314,81 @@ class Pipeline:
 
     def encode_image(self, image: np.ndarray) -> EncodedImage:
         """Patchify, vision and connector (plus any anyres assembly): the image's feature tokens."""
+        return self.encode_images([image], max_tiles_per_call=1)[0]
+
+    def encode_images(self, images: Sequence[np.ndarray], max_tiles_per_call: int | None = None,
+                      ) -> list[EncodedImage]:
+        """Encode several images, their tiles batched through vision and connector, split back per image.
+
+        Consecutive images share a call while their tiles fit in `max_tiles_per_call` (default: the
+        pipeline's `max_tiles_per_call`); an image with more tiles goes alone. Every tile is encoded
+        independently of the others in its call, so the features are those of `encode_image` on each
+        image (up to the float rounding of a larger matrix product). Each image's vision and connector
+        timings are its share of its call's, in proportion to its tiles.
+        """
+        bound = self.max_tiles_per_call if max_tiles_per_call is None else max_tiles_per_call
+        if bound < 1:
+            raise ValueError(f"max_tiles_per_call must be at least 1, got {bound}")
+        if self.sessions.patchify is not host_patchify:
+            # a backend's own patching leaves the tiles in device memory, where they cannot be joined here
+            bound = 1
+        encoded: list[EncodedImage] = []
+        pending: list[tuple[Any, float]] = []  # (patches, patchify ms) of the next call
+        with contextlib.ExitStack() as held:  # what the pending patches hold, freed once their call has run
+            for image in images:
+                start = time.perf_counter()
+                with contextlib.ExitStack() as current:
+                    patches = current.enter_context(self.sessions.patchify(image, self.manifest.preprocessing))
+                    patchify_ms = _ms(start)
+                    if pending and sum(p.num_tiles for p, _ in pending) + patches.num_tiles > bound:
+                        encoded += self._encode_call(pending)
+                        held.close()
+                        pending = []
+                    held.enter_context(current.pop_all())
+                pending.append((patches, patchify_ms))
+            if pending:
+                encoded += self._encode_call(pending)
+        return encoded
+
+    def _encode_call(self, batch: Sequence[tuple[Any, float]]) -> list[EncodedImage]:
+        """One vision and one connector call over the tiles of `batch` ((patches, patchify ms) per image)."""
         vision, connector = self.manifest.components["vision"], self.manifest.components["connector"]
+        counts = [patches.num_tiles for patches, _ in batch]
+        pixels = (batch[0][0].pixel_values if len(batch) == 1
+                  else np.concatenate([patches.pixel_values for patches, _ in batch]))
         start = time.perf_counter()
-        # the backend's patching: on a GPU backend the tiles stay in device memory until vision has read them
-        with self.sessions.patchify(image, self.manifest.preprocessing) as patches:
-            timings = {"patchify_ms": _ms(start)}
-            start = time.perf_counter()
-            features = self.sessions.vision.run({vision.inputs[0].name: patches.pixel_values})[vision.outputs[0].name]
-            timings["vision_ms"] = _ms(start)
+        features = self.sessions.vision.run({vision.inputs[0].name: pixels})[vision.outputs[0].name]
+        vision_ms = _ms(start)
         start = time.perf_counter()
         embeds = self.sessions.connector.run({connector.inputs[0].name: features})[connector.outputs[0].name]
-        timings["connector_ms"] = _ms(start)
-        if self.image_newline is not None:
-            tokens = assemble_anyres_unpad(embeds, patches.plan, self.image_newline,
-                                           int(self.manifest.extra.get(ANYRES_MAX_KEY, 0)))
-        else:
-            tokens = embeds.reshape(-1, embeds.shape[-1])
-        return EncodedImage(tokens, patches.num_tiles, timings)
+        connector_ms = _ms(start)
+        encoded, first = [], 0
+        for (patches, patchify_ms), count in zip(batch, counts, strict=True):
+            mine = embeds[first:first + count]
+            first += count
+            if self.image_newline is not None:
+                tokens = assemble_anyres_unpad(mine, patches.plan, self.image_newline,
+                                               int(self.manifest.extra.get(ANYRES_MAX_KEY, 0)))
+            else:
+                tokens = mine.reshape(-1, mine.shape[-1])
+            share = count / sum(counts)
+            encoded.append(EncodedImage(tokens, count, {"patchify_ms": patchify_ms, "vision_ms": vision_ms * share,
+                                                        "connector_ms": connector_ms * share}))
+        return encoded
+
+    def _encode_study(self, images: Sequence[np.ndarray]) -> list[EncodedImage | ValueError]:
+        """`encode_images`, or when that fails, each image alone so that only the bad one reports its error."""
+        try:
+            return list(self.encode_images(images))
+        except ValueError:
+            pass
+        encoded: list[EncodedImage | ValueError] = []
+        for image in images:
+            try:
+                encoded.append(self.encode_image(image))
+            except ValueError as exc:
+                encoded.append(exc)
+        return encoded
 
     def prompt_embeds(self, encoded: EncodedImage, question: str) -> tuple[np.ndarray, np.ndarray]:
         """Prompt ids and their embeddings with the image features spliced at the image-token positions."""
