@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fundusrt.calibration.gate import GateThresholds
+from fundusrt.calibration.gate import add_threshold_arguments, thresholds_from_arguments
 from fundusrt.calibration.quantize import DECODER_MODES, METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the calibrate verb."""
-    defaults = GateThresholds()
     parser.add_argument("package", help="the fp32 model package (from `fundusrt export`)")
     parser.add_argument("--images", required=True, nargs="+",
                         help="DICOM files, study folders or image files (PNG/JPEG/TIFF) to calibrate on")
@@ -33,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=32, help="calibration images used")
     parser.add_argument("--holdout-images", type=int, default=8, help="held-out images the gate uses")
     parser.add_argument("--gate-tokens", type=int, default=32, help="answer tokens compared by the gate")
-    for name in ("vision_cosine", "connector_cosine", "decoder_cosine", "mcq_agreement", "token_agreement"):
-        parser.add_argument(f"--min-{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
-                            dest=f"min_{name}", help=f"gate threshold (default {getattr(defaults, name)})")
+    add_threshold_arguments(parser)
     parser.add_argument("--cache-dir", default=None, help="calibration cache (default: ~/.cache/fundusrt/calibration)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--force", action="store_true", help="write the package even if it fails the gate")
@@ -50,8 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from fundusrt.manifest import PackageError
 
     try:
-        thresholds = GateThresholds(**{name: getattr(args, f"min_{name}") for name in (
-            "vision_cosine", "connector_cosine", "decoder_cosine", "mcq_agreement", "token_agreement")})
+        thresholds = thresholds_from_arguments(args)
         result = calibrate_package(
             args.package, args.images, args.out, prompts_file=args.prompts,
             options=QuantOptions(method=args.method, decoder=args.decoder, percentile=args.percentile,

@@ -42,6 +42,19 @@ class GateThresholds:
                 raise CalibrationError(f"gate threshold {name} must be in [0, 1], got {value}")
 
 
+def add_threshold_arguments(parser: Any) -> None:
+    """`--min-<figure>` options for every GateThresholds field (the `calibrate` and `gate` verbs share them)."""
+    defaults = GateThresholds()
+    for name in GateThresholds.__dataclass_fields__:
+        parser.add_argument(f"--min-{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
+                            dest=f"min_{name}", help=f"gate threshold (default {getattr(defaults, name)})")
+
+
+def thresholds_from_arguments(args: Any) -> GateThresholds:
+    """The GateThresholds given by `add_threshold_arguments` options."""
+    return GateThresholds(**{name: getattr(args, f"min_{name}") for name in GateThresholds.__dataclass_fields__})
+
+
 @dataclass
 class GateReport:
     """Figures, thresholds, the verdict and why it failed."""

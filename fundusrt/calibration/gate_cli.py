@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fundusrt.calibration.gate import GateThresholds
+from fundusrt.calibration.gate import add_threshold_arguments, thresholds_from_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the gate verb."""
-    defaults = GateThresholds()
     parser.add_argument("package", help="the quantised package (e.g. `fundusrt export --decoder int4`); its "
                                         "manifest records the verdict")
     parser.add_argument("--reference", required=True, help="the unquantised export of the same checkpoint")
@@ -19,9 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None, help="questions, as for `fundusrt calibrate --prompts`")
     parser.add_argument("--holdout-images", type=int, default=8, help="held-out images the gate uses")
     parser.add_argument("--gate-tokens", type=int, default=32, help="answer tokens compared")
-    for name in ("vision_cosine", "connector_cosine", "decoder_cosine", "mcq_agreement", "token_agreement"):
-        parser.add_argument(f"--min-{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
-                            dest=f"min_{name}", help=f"gate threshold (default {getattr(defaults, name)})")
+    add_threshold_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
@@ -32,8 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from fundusrt.manifest import PackageError
 
     try:
-        thresholds = GateThresholds(**{name: getattr(args, f"min_{name}") for name in (
-            "vision_cosine", "connector_cosine", "decoder_cosine", "mcq_agreement", "token_agreement")})
+        thresholds = thresholds_from_arguments(args)
         report = gate_package(args.package, args.reference, prompts_file=args.prompts, thresholds=thresholds,
                               settings=CalibrationSettings(holdout_images=args.holdout_images,
                                                            gate_tokens=args.gate_tokens),
