@@ -63,14 +63,8 @@ def prompt_ids(length: int, vocab: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(10, vocab, size=length)]
 
 
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker_fundusrt(package: Path, ids: list[int], contexts: list[int], args: argparse.Namespace) -> dict:
+    from fundusrt.bench.machine import peak_rss_mib
     from fundusrt.runtime.pipeline import load_package
 
     pipe = load_package(package, threads=args.threads)
@@ -99,6 +93,8 @@ def worker_fundusrt(package: Path, ids: list[int], contexts: list[int], args: ar
 
 def worker_llama(gguf: Path, ids: list[int], contexts: list[int], args: argparse.Namespace) -> dict:
     import llama_cpp
+
+    from fundusrt.bench.machine import peak_rss_mib
 
     n_ctx = max([len(ids), *contexts]) + args.new_tokens + 8
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
