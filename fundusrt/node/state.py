@@ -14,10 +14,14 @@ crash or ``kill -9``:
 
 `generation` counts the instances of a study; a run that finishes while newer instances arrived
 puts the study back to ``received`` instead of ``done``.
+
+The review page's sign-offs live in the same file (table ``signoffs``): one row per sign-off SR,
+committed before the page reports success, with its delivery status; the AI's results are never changed.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -52,6 +56,18 @@ CREATE TABLE IF NOT EXISTS outputs (
     path TEXT NOT NULL,
     generation INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS signoffs (
+    signoff_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    ai_sr_uid TEXT NOT NULL,
+    grader TEXT NOT NULL,
+    signed REAL NOT NULL,
+    eyes TEXT NOT NULL,
+    path TEXT NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    delivery_attempts INTEGER NOT NULL DEFAULT 0,
+    delivery_reason TEXT NOT NULL DEFAULT ''
+);
 """
 
 
@@ -69,6 +85,36 @@ class StudyState:
     send_attempts: int
     reason: str
     updated: float
+
+
+@dataclass(frozen=True)
+class Signoff:
+    """A grader's sign-off of a study's AI result (a row of the signoffs table).
+
+    Attributes:
+        signoff_uid: SOP Instance UID of the sign-off SR (written to `path`).
+        ai_sr_uid: SOP Instance UID of the AI's SR it signs off.
+        eyes: per eye ("R", "L", "unknown"): {"ai": AI decision, "decision": the grader's, "action":
+            "confirmed" or "overridden", "reason": text}.
+        delivered: the SR reached every place the node sends results.
+    """
+
+    signoff_uid: str
+    study_uid: str
+    ai_sr_uid: str
+    grader: str
+    signed: float
+    eyes: dict[str, dict[str, str]]
+    path: str
+    delivered: bool
+    delivery_attempts: int
+    delivery_reason: str
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Signoff:
+        values = list(row)
+        values[5], values[7] = json.loads(values[5]), bool(values[7])
+        return cls(*values)
 
 
 class StateStore:
@@ -215,3 +261,26 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT path FROM instances WHERE study_uid=? ORDER BY path", (study_uid,)).fetchall()
         return [Path(r[0]) for r in rows]
+
+    def add_signoff(self, signoff: Signoff) -> None:
+        """Record a sign-off; committed with synchronous=FULL (on disk) when this returns."""
+        self._tx("INSERT INTO signoffs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (signoff.signoff_uid, signoff.study_uid, signoff.ai_sr_uid, signoff.grader, signoff.signed,
+                  json.dumps(signoff.eyes, ensure_ascii=False), signoff.path, int(signoff.delivered),
+                  signoff.delivery_attempts, signoff.delivery_reason))
+
+    def signoffs(self, study_uid: str | None = None, undelivered: bool = False) -> list[Signoff]:
+        """Sign-offs, oldest first: all, a study's, and/or those not yet delivered."""
+        where = [*(["study_uid=?"] if study_uid is not None else []), *(["delivered=0"] if undelivered else [])]
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM signoffs" + (" WHERE " + " AND ".join(where) if where else "")
+                                    + " ORDER BY signed", (() if study_uid is None else (study_uid,))).fetchall()
+        return [Signoff.from_row(r) for r in rows]
+
+    def signoff_delivered(self, signoff_uid: str, reason: str = "") -> None:
+        """Mark a sign-off delivered, or, with a `reason`, count a failed delivery."""
+        if reason:
+            self._tx("UPDATE signoffs SET delivery_attempts=delivery_attempts+1, delivery_reason=? WHERE signoff_uid=?",
+                     (reason[:2000], signoff_uid))
+        else:
+            self._tx("UPDATE signoffs SET delivered=1, delivery_reason='' WHERE signoff_uid=?", (signoff_uid,))
