@@ -174,20 +174,29 @@ class Node:
                          seconds=round(time.perf_counter() - start, 3))
         self._deliver(study_uid)
 
+    def deliver_files(self, study_uid: str, paths: list[Path], dicom_paths: list[Path]) -> None:
+        """Deliver files of a study wherever the node sends results: `paths` into the output folder, `dicom_paths`
+        to the destination AE (also used for the review page's sign-offs).
+
+        Raises:
+            SendError, OSError: a destination refused or could not be reached; nothing is retried here.
+        """
+        if self.config.output_dir is not None:
+            target = self.config.output_dir / study_uid
+            for path in paths:
+                if not (target / path.name).exists():  # a resumed delivery must not rewrite a file
+                    durable_write(target / path.name, path.read_bytes())
+            self.audit.write("sent", study_uid, to=str(self.config.output_dir), files=len(paths))
+        if self.config.destination is not None:
+            sent = send_files(dicom_paths, self.config.destination, self.config.ae_title, tls=self._send_tls)
+            dest = self.config.destination
+            self.audit.write("sent", study_uid, to=f"{dest.ae_title}@{dest.host}:{dest.port}", instances=sent)
+
     def _deliver(self, study_uid: str) -> None:
         outputs = self.state.outputs(study_uid)
-        dicom_files = [path for sop, path in outputs if not sop.startswith("json:")]
         try:
-            if self.config.output_dir is not None:
-                target = self.config.output_dir / study_uid
-                for _, path in outputs:
-                    if not (target / path.name).exists():  # a resumed delivery must not rewrite a file
-                        durable_write(target / path.name, path.read_bytes())
-                self.audit.write("sent", study_uid, to=str(self.config.output_dir), files=len(outputs))
-            if self.config.destination is not None:
-                sent = send_files(dicom_files, self.config.destination, self.config.ae_title, tls=self._send_tls)
-                dest = self.config.destination
-                self.audit.write("sent", study_uid, to=f"{dest.ae_title}@{dest.host}:{dest.port}", instances=sent)
+            self.deliver_files(study_uid, [path for _, path in outputs],
+                               [path for sop, path in outputs if not sop.startswith("json:")])
         except (SendError, OSError) as exc:
             attempts = self.state.count_send_attempt(study_uid, _reason(exc))
             log.warning("delivery of study %s failed (attempt %d of %d): %s", study_uid, attempts,
