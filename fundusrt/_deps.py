@@ -23,6 +23,9 @@ _EXTRA_FOR: dict[str, str | tuple[str, ...]] = {
     "pynetdicom": "node",
     "highdicom": "node",
     "fpdf": "node",
+    "dicomweb_client": "node",
+    "ray": "scale",
+    "pyarrow": "scale",
     "pypdf": "dev",
     "hypothesis": "dev",
 }
