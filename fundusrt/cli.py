@@ -26,6 +26,10 @@ VERBS: dict[str, tuple[str, str]] = {
                  "sensitivity, specificity), calibrate the referral threshold"),
     "bench": ("fundusrt.bench.cli", "latency against accuracy of model packages across backends, with a baseline"),
     "serve": ("fundusrt.node.cli", "run the DICOM node: receive studies, send findings back as DICOM"),
+    "screen": ("fundusrt.scale.cli", "screen an archive (folder tree, CSV of paths, DICOMweb) in this process or on "
+               "Ray, into per-study results and one Parquet table"),
+    "review": ("fundusrt.node.review.cli", "the review page (worklist, findings, grader sign-off) over results of "
+               "fundusrt run --dicom-out"),
     "demo": ("fundusrt.demo", "synthetic DICOM study -> demo model package -> findings beside the ground truth"),
     "doctor": ("fundusrt.doctor", "what this machine can run (CPU, onnxruntime, CUDA, NVRTC, TensorRT, Jetson) and what to install"),
 }
