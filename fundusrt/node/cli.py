@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fundusrt.node.config import Destination, NodeConfig, NodeConfigError
+from fundusrt.node.review.cli import add_ui_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="ort-cpu", help="runtime backend (default ort-cpu)")
     parser.add_argument("--threads", type=int, help="intra-op threads of the backend")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--ui", action="store_true",
+                        help="also serve the review page (worklist, findings, grader sign-off; needs fundusrt[ui]), "
+                             "over HTTPS with --tls-cert/--tls-key")
+    parser.add_argument("--ui-host", default="127.0.0.1", help="address of the review page (default 127.0.0.1)")
+    parser.add_argument("--ui-port", type=int, default=8080, help="port of the review page (default 8080; 0: any)")
+    add_ui_options(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -88,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         node = Node(config, lambda study_dir: pipeline.run_study(study_dir, gen=gen))
         node.start()
+        ui = start_ui(args, node) if args.ui else None
     except (NodeConfigError, OSError, sqlite3.Error, MissingDependencyError) as exc:  # bad certificate, port in use
         if node is not None:
             node.stop()
@@ -96,13 +104,40 @@ def main(args: argparse.Namespace) -> int:
     inputs = [f"DICOM on {config.host}:{node.port}{' (TLS)' if config.tls_cert else ''}"] if node.port else []
     inputs += [f"watching {config.watch_dir}"] if config.watch_dir is not None else []
     print(f"fundusrt serve: {config.ae_title} ready: {', '.join(inputs)}; spool {config.spool}", flush=True)
+    if ui is not None:
+        from fundusrt.node.review.cli import sign_in_line
+
+        print(f"fundusrt serve: {sign_in_line(ui.review, ui.url)}", flush=True)
     while not signals:
         time.sleep(0.2)  # a signal cuts the sleep short only by running its handler, so poll the list
     print(f"fundusrt serve: {signal.Signals(signals[0]).name} received; stopping after the study in progress",
           flush=True)
+    if ui is not None:
+        ui.stop()
     node.stop()
     print("fundusrt serve: stopped", flush=True)
     return 0
+
+
+def start_ui(args: argparse.Namespace, node: object) -> object:
+    """Start the review page over the running node (TLS and client certificates as the node's DICOM port).
+
+    Raises:
+        OSError: the port is in use; NodeConfigError: the user list or TLS files are unusable.
+    """
+    from fundusrt.node.review.auth import UsersFileError
+    from fundusrt.node.review.cli import build_review
+    from fundusrt.node.review.server import ReviewServer
+    from fundusrt.node.review.sources import NodeSource
+
+    config = node.config  # type: ignore[attr-defined]
+    try:
+        review = build_review(NodeSource(node), args.ui_users, args.ui_organization, config.tls_cert is not None)
+    except UsersFileError as exc:
+        raise NodeConfigError(str(exc)) from exc
+    server = ReviewServer(review, args.ui_host, args.ui_port, config.tls_cert, config.tls_key, config.tls_ca)
+    server.start()
+    return server
 
 
 if __name__ == "__main__":
