@@ -17,6 +17,10 @@ METHODS = ("lora", "full")
 PART_MODES = ("frozen", "full", "lora")
 BAD_SAMPLE_POLICIES = ("skip", "error")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "nf4")
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")
 # Decoder projections of Qwen2/Llama (q,k,v,o,gate,up,down) and Phi-3 (fused qkv, gate_up).
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                        "qkv_proj", "gate_up_proj")
@@ -74,6 +78,26 @@ class LoraSettings:
 
 
 @dataclass
+class DistributedConfig:
+    """How ranks started by `torchrun` share the work (a plain `fundusrt train` runs as one rank).
+
+    Attributes:
+        strategy: "ddp" (every rank holds the whole model; gradients all-reduced) or "fsdp" (FSDP2
+            `fully_shard`: parameters, gradients and optimizer state sharded over the ranks).
+        backend: torch.distributed backend; "auto" is nccl on GPUs, gloo on CPUs.
+    """
+
+    strategy: str = "ddp"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"distributed.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+@dataclass
 class TrainConfig:
     """A training run.
 
@@ -103,6 +127,13 @@ class TrainConfig:
         seed: seeds initialisation, data order and dropout.
         grad_checkpointing: recompute activations in the backward pass to save memory.
         precision: "auto" (bf16 autocast on a GPU that has it, fp16 on other GPUs, fp32 on CPU) or explicit.
+            On CPU a 16-bit base still computes in fp32: each frozen weight is upcast as it is used.
+        base_dtype: dtype the base weights are held in; "auto" keeps the checkpoint's own (bf16/fp16/fp32),
+            so a 16-bit checkpoint is never materialised in fp32. Trained parts are always fp32.
+        quantize_base: "nf4" holds the decoder's frozen Linear weights in 4-bit NF4 (bitsandbytes,
+            QLoRA); CUDA and method "lora" only.
+        distributed: with `torchrun`: {"strategy": "ddp" | "fsdp", "backend": ...}; batch_size is then
+            the global micro-batch, split over the ranks, so a run is the same at any world size.
         device: "auto", "cpu" or "cuda".
         threads: torch intra-op threads on CPU (0: torch's default).
         save_every: optimiser steps between resumable checkpoints (0: at each epoch end only).
@@ -136,6 +167,9 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: bool = False
     precision: str = "auto"
+    base_dtype: str = "auto"
+    quantize_base: str = "none"
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     device: str = "auto"
     threads: int = 0
     save_every: int = 0
@@ -149,6 +183,8 @@ class TrainConfig:
             self.data = from_dict(DataConfig, self.data)
         if isinstance(self.lora, dict):
             self.lora = from_dict(LoraSettings, self.lora)
+        if isinstance(self.distributed, dict):
+            self.distributed = from_dict(DistributedConfig, self.distributed)
         if (self.base is None) == (self.init_model is None):
             raise ValueError("set exactly one of `base` (a checkpoint to fine-tune) and `init_model` (train from scratch)")
         if self.method not in METHODS:
@@ -167,6 +203,13 @@ class TrainConfig:
             raise ValueError(f"vision_blocks must be >= 0, got {self.vision_blocks}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
+        if self.quantize_base not in QUANTIZATIONS:
+            raise ValueError(f"quantize_base must be one of {QUANTIZATIONS}, got {self.quantize_base!r}")
+        if self.quantize_base != "none" and self.method != "lora":
+            raise ValueError(f"quantize_base {self.quantize_base!r} (QLoRA) needs method 'lora': a 4-bit base "
+                             "cannot be trained itself")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
@@ -195,6 +238,8 @@ class TrainConfig:
         missing = [k for k in ("output_dir", "data") if k not in data]
         if missing:
             raise ValueError(f"training config lacks {missing}")
+        if "gradient_checkpointing" in data:  # transformers' spelling would otherwise be ignored silently
+            raise ValueError("the training config key is \"grad_checkpointing\", not \"gradient_checkpointing\"")
         return from_dict(cls, data)
 
     @classmethod

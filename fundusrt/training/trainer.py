@@ -1,5 +1,9 @@
 """The training loop: seeded, resumable, gradient accumulation, cosine schedule with warm-up, progress
-lines and a JSONL metrics log; ends by writing the adapter (LoRA) and a merged native checkpoint."""
+lines and a JSONL metrics log; ends by writing the adapter (LoRA) and a merged native checkpoint.
+
+Under torchrun every rank runs this loop on its share of each global micro-batch (see
+fundusrt.training.distributed); rank 0 alone writes files, and checkpoints hold full tensors keyed by
+parameter name, so a run resumes at any world size."""
 
 from __future__ import annotations
 
@@ -18,17 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fundusrt.manifest import atomic_write_bytes, atomic_write_text
 from fundusrt.models import load
 from fundusrt.models.layouts import native
 from fundusrt.models.lvlm import LVLM
-from fundusrt.training.adapters import (
-    merge_adapters,
-    save_adapter,
-    set_trainable,
-    trainable_state,
-)
+from fundusrt.training import distributed
+from fundusrt.training.adapters import merge_adapters, save_adapter, set_trainable, vision_blocks
+from fundusrt.training.base import base_dtype, quantize_decoder_nf4, remove_upcasts, trained_in_fp32, upcast_frozen
 from fundusrt.training.config import TrainConfig
 from fundusrt.training.records import DataIssue, Record, read_records
 from fundusrt.training.samples import (
@@ -45,7 +47,8 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 BAD_SAMPLES = "bad_samples.jsonl"
 # Keys that may change between a run and its resumption; anything else must match.
-RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "resume", "threads")
+RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "resume", "threads",
+                     "distributed")
 
 
 @dataclass
@@ -67,7 +70,7 @@ def build_model(config: TrainConfig) -> LVLM:
     plus the chat template and the training conversations when `tokenizer_from_data` is set.
     """
     if config.base is not None:
-        return load(config.base)
+        return load(config.base, dtype=base_dtype(config.base_dtype, config.base))
     from fundusrt.models.chat import CHAT_TEMPLATES
     from fundusrt.models.tokenizer import OPHTHALMIC_CORPUS
     from fundusrt.training.tokenizer import train_tokenizer
@@ -93,7 +96,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def lm_loss(model: LVLM, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (assistant) tokens of `batch`."""
+    """Next-token cross-entropy summed over the labelled (assistant) tokens of `batch`."""
     ids = batch.input_ids.to(device)
     pixels = None if batch.pixel_values is None else batch.pixel_values.to(device)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -102,7 +105,38 @@ def lm_loss(model: LVLM, batch: Batch, device: torch.device, autocast_dtype: tor
                                       use_cache=False).logits
     targets = batch.labels.to(device)[:, 1:]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def labelled_tokens(batch: Batch) -> int:
+    """How many tokens of `batch` the loss covers."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class LossModule(nn.Module):
+    """The LVLM with `lm_loss` as its forward: DDP and FSDP act through a module's forward call.
+
+    With FSDP every rank must run the same sub-modules, so a micro-batch without images still runs the
+    vision tower and connector, on one blank tile whose result is multiplied by 0.
+    """
+
+    def __init__(self, model: LVLM, device: torch.device, autocast_dtype: torch.dtype | None,
+                 always_run_vision: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.always_run_vision = always_run_vision
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        loss = lm_loss(self.model, batch, self.device, self.autocast_dtype)
+        if batch.pixel_values is None and self.always_run_vision:
+            size = self.model.config.tiling.tile_size
+            blank = torch.zeros(1, 3, size, size, device=self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                loss = loss + 0.0 * self.model.image_embeds(blank).float().sum()
+        return loss
 
 
 def _device_and_precision(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -126,17 +160,36 @@ class Trainer:
     def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.out = Path(config.output_dir)
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device, self.autocast_dtype = _device_and_precision(config)
+        if config.quantize_base == "nf4" and self.device.type != "cuda":
+            raise ValueError("quantize_base 'nf4' (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels run on "
+                             f"CUDA and this run is on {self.device.type}; set quantize_base to 'none' to train "
+                             "LoRA on a 16-bit base instead")
+        if config.vision_warmup_steps and (config.init_model is None or config.distributed.strategy == "fsdp"):
+            raise ValueError("vision_warmup_steps is for models trained from scratch (init_model) without FSDP")
+        self.ranks = distributed.init_ranks(config.distributed, self.device.type)
+        if self.ranks.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.ranks.local_rank)
+        quiet = not self.ranks.is_main
+        self.log = (lambda line: None) if quiet else (log or (lambda line: print(line, file=sys.stderr, flush=True)))
         self.model = build_model(config)
+        if config.quantize_base == "nf4":
+            quantize_decoder_nf4(self.model, self.autocast_dtype or torch.bfloat16, self.device)
         self.targets = set_trainable(self.model, config)
+        trained_in_fp32(self.model)
+        if self.autocast_dtype is None:
+            upcast_frozen(self.model)  # fp32 compute over a 16-bit base
         if config.grad_checkpointing:
             kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
             self.model.language_model.gradient_checkpointing_enable(**kwargs)
             self.model.vision.gradient_checkpointing_enable(**kwargs)
         self.model.to(self.device)
+        blocks = [*self.model.language_model.model.layers, *vision_blocks(self.model)]
+        self.loss_module = distributed.wrap(
+            LossModule(self.model, self.device, self.autocast_dtype, self.ranks.strategy == "fsdp"),
+            self.ranks, blocks, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
@@ -147,19 +200,26 @@ class Trainer:
 
     # data ------------------------------------------------------------------------------------------------
     def prepare(self, files: list[str], bad_log: Path) -> list[Sample]:
-        """Usable samples of `files` under the bad-sample policy; each bad one is logged and appended to `bad_log`."""
+        """Usable samples of `files` under the bad-sample policy; each bad one is logged and appended to `bad_log`.
+
+        Rank 0 fills the preprocessing cache first; the other ranks then read the same cache files.
+        """
         data = self.config.data
         cache = Path(data.cache_dir) if data.cache_dir else self.out / "cache"
-        issues: list[DataIssue] = []
 
         def report(issue: DataIssue) -> None:
-            self.log(f"bad sample, skipped: {issue}")
-            with open(bad_log, "a") as f:
-                f.write(json.dumps({"file": issue.file, "line": issue.line, "reason": issue.reason}) + "\n")
+            if self.ranks.is_main:
+                self.log(f"bad sample, skipped: {issue}")
+                with open(bad_log, "a") as f:
+                    f.write(json.dumps({"file": issue.file, "line": issue.line, "reason": issue.reason}) + "\n")
 
+        if not self.ranks.is_main:
+            self.ranks.barrier()
         samples, issues = prepare_samples(files, self.model.prompt, self.model.tokenizer, self.model.config.tiling,
                                           max_seq_len=data.max_seq_len, cache_dir=cache,
                                           image_root=data.image_root, on_issue=report)
+        if self.ranks.is_main:
+            self.ranks.barrier()
         apply_bad_sample_policy(samples, issues, data.on_bad_sample, data.max_bad_fraction)
         return samples
 
@@ -174,37 +234,58 @@ class Trainer:
                 self.log(f"bad sample, skipped at train time: {sample.where}: {exc}")
         return collate(items, self.pad_id) if items else None
 
+    def micro_step(self, samples: list[Sample], indices: np.ndarray, scale: float | None) -> float | None:
+        """Loss of the global micro-batch `indices` (mean over its labelled tokens on all ranks); with `scale`,
+        also backpropagate loss * scale. None when none of its samples could be read."""
+        mine, weight = self.ranks.share(indices)
+        batch = self.load_batch(samples, mine)
+        if batch is None:
+            if self.ranks.active:  # the other ranks' collectives cannot be met without a batch
+                raise RuntimeError(f"rank {self.ranks.rank}: no readable sample among {len(mine)}; "
+                                   "check the preprocessing cache (data.cache_dir)")
+            return None
+        total = self.ranks.sum([labelled_tokens(batch) * weight])[0]
+        loss_sum = self.loss_module(batch) * weight
+        if scale is not None:
+            # DDP and FSDP average gradients over the ranks: times world_size makes it their sum
+            self.scaler.scale(loss_sum * (scale * self.ranks.world_size / max(total, 1.0))).backward()
+        return self.ranks.sum([float(loss_sum.detach())])[0] / max(total, 1.0)
+
     # checkpoints -----------------------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
         root = self.out / CHECKPOINTS
         return sorted(root.glob("step-*[0-9]")) if root.is_dir() else []
 
     def _save_checkpoint(self, step: int, loss: float) -> None:
+        """Gather the full trainable state (a collective under FSDP); rank 0 writes it, once."""
         from safetensors.torch import save
 
-        root = self.out / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
-        weights = trainable_state(self.model)
-        if self.config.vision_warmup_steps:  # warmed-up (possibly frozen) vision weights are part of the run's state
-            weights |= {name: p.detach().contiguous() for name, p in self.model.named_parameters()
-                        if name.startswith(("vision.", "connector."))}
-        atomic_write_bytes(staging / "trainable.safetensors", save(weights))
-        buffer = io.BytesIO()
-        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, buffer)
-        atomic_write_bytes(staging / "state.pt", buffer.getvalue())
-        atomic_write_text(staging / "trainer_state.json", json.dumps(
-            {"step": step, "loss": loss, "config": _fingerprint(self.config)}, indent=1) + "\n")
-        final = root / f"step-{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        for old in self._checkpoints()[:-self.config.keep_checkpoints]:
-            shutil.rmtree(old)
+        weights, optim = distributed.trainable_state(self.model, self.optimizer)
+        if self.ranks.is_main:
+            root = self.out / CHECKPOINTS
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+            if self.config.vision_warmup_steps:  # warmed-up (possibly frozen) vision weights are run state
+                weights |= {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()
+                            if name.startswith(("vision.", "connector."))}
+            atomic_write_bytes(staging / "trainable.safetensors", save(weights))
+            buffer = io.BytesIO()
+            torch.save({"optimizer": optim, "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state()},
+                       buffer)
+            atomic_write_bytes(staging / "state.pt", buffer.getvalue())
+            atomic_write_text(staging / "trainer_state.json", json.dumps(
+                {"step": step, "loss": loss, "world_size": self.ranks.world_size,
+                 "config": _fingerprint(self.config)}, indent=1) + "\n")
+            final = root / f"step-{step:08d}"
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            for old in self._checkpoints()[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.ranks.barrier()
 
     def _resume(self) -> int:
-        """Restore the newest checkpoint; returns its step (0 when starting fresh)."""
+        """Restore the newest checkpoint (written at any world size); returns its step (0 when starting fresh)."""
         from safetensors.torch import load_file
 
         found = self._checkpoints() if self.config.resume else []
@@ -216,15 +297,19 @@ class Trainer:
             raise ValueError(f"{latest} was written by a different configuration; use a new output_dir or set "
                              "\"resume\": false to start over")
         weights = load_file(str(latest / "trainable.safetensors"))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
         extra = torch.load(latest / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        frozen = {name: tensor for name, tensor in weights.items() if name not in trainable}
+        if frozen:  # warmed-up vision weights that the main loop keeps frozen
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in frozen.items():
+                    params[name].copy_(tensor)
+        distributed.load_trainable_state(self.model, self.optimizer,
+                                         {k: v for k, v in weights.items() if k in trainable}, extra["optimizer"])
         self.scaler.load_state_dict(extra["scaler"])
         torch.set_rng_state(extra["torch_rng"])
-        self.log(f"resumed from {latest} (step {state['step']})")
+        self.log(f"resumed from {latest} (step {state['step']}, written by {state.get('world_size', 1)} rank(s))")
         return int(state["step"])
 
     # loop ------------------------------------------------------------------------------------------------
@@ -234,25 +319,34 @@ class Trainer:
         self.model.eval()
         bs, losses = self.config.batch_size, []
         for start in range(0, len(samples), bs):
-            batch = self.load_batch(samples, np.arange(start, min(start + bs, len(samples))))
-            if batch is not None:
-                losses.append(float(lm_loss(self.model, batch, self.device, self.autocast_dtype)))
+            loss = self.micro_step(samples, np.arange(start, min(start + bs, len(samples))), scale=None)
+            if loss is not None:
+                losses.append(loss)
         self.model.train()
         return float(np.mean(losses)) if losses else float("nan")
 
-    def run(self) -> TrainResult:
-        """Train to the configured number of steps and write adapter/ (LoRA) and merged/."""
+    def run(self) -> TrainResult | None:
+        """Train to the configured number of steps and write adapter/ (LoRA) and merged/ (None on ranks > 0)."""
+        try:
+            return self._run()
+        finally:
+            distributed.close(self.ranks)
+
+    def _run(self) -> TrainResult | None:
         cfg = self.config
+        main = self.ranks.is_main
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if main:
+            atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         train = self.prepare(cfg.data.train, self.out / BAD_SAMPLES)
         held_out = self.prepare(cfg.data.eval, self.out / BAD_SAMPLES) if cfg.data.eval else []
         micro_per_epoch = math.ceil(len(train) / cfg.batch_size)
         steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        ranks = f", {self.ranks.world_size} ranks ({self.ranks.strategy})" if self.ranks.active else ""
         self.log(f"{len(train)} training samples, {len(held_out)} held out; {total} steps "
-                 f"({steps_per_epoch} per epoch) on {self.device}, {sum(p.numel() for p in self.params):,} "
-                 "trainable parameters")
+                 f"({steps_per_epoch} per epoch) on {self.device}{ranks}, "
+                 f"{sum(p.numel() for p in self.params):,} trainable parameters")
         start_step = self._resume()
         if cfg.vision_warmup_steps and start_step == 0:
             warm_up_vision(self.model, train, steps=cfg.vision_warmup_steps, batch_size=max(cfg.batch_size, 32),
@@ -260,7 +354,7 @@ class Trainer:
         order: dict[int, np.ndarray] = {}
         self.model.train()
         loss_value, started, tokens, done = float("nan"), time.perf_counter(), 0, 0
-        metrics = open(self.out / METRICS, "a")  # noqa: SIM115 (closed in finally; appended line by line)
+        metrics = open(self.out / METRICS, "a") if main else None  # noqa: SIM115 (closed in finally)
         try:
             for step in range(start_step, total):
                 lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
@@ -271,15 +365,14 @@ class Trainer:
                     epoch, index = divmod(micro, micro_per_epoch)
                     if epoch not in order:
                         order = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(len(train))}
-                    batch = self.load_batch(train, order[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size])
-                    if batch is None:
-                        continue
-                    loss = lm_loss(self.model, batch, self.device, self.autocast_dtype)
-                    self.scaler.scale(loss / cfg.grad_accum).backward()
-                    step_losses.append(float(loss.detach()))
-                    tokens += batch.num_tokens
+                    indices = order[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size]
+                    loss = self.micro_step(train, indices, scale=1.0 / cfg.grad_accum)
+                    if loss is not None:
+                        step_losses.append(loss)
+                        tokens += sum(len(train[int(i)].input_ids) for i in indices)
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                grad_norm = (distributed.grad_norm(lambda: torch.nn.utils.clip_grad_norm_(self.params,
+                                                                                           cfg.max_grad_norm))
                              if cfg.max_grad_norm > 0 else 0.0)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -287,7 +380,7 @@ class Trainer:
                 done += 1
                 loss_value = float(np.mean(step_losses)) if step_losses else float("nan")
                 last = step + 1 == total
-                if (step + 1) % cfg.log_every == 0 or last:
+                if ((step + 1) % cfg.log_every == 0 or last) and metrics is not None:
                     elapsed = time.perf_counter() - started
                     record = {"step": step + 1, "epoch": (step * cfg.grad_accum) // micro_per_epoch, "loss": loss_value,
                               "lr": lr, "grad_norm": grad_norm,
@@ -303,24 +396,55 @@ class Trainer:
                     self._save_checkpoint(step + 1, loss_value)
                 if held_out and (epoch_end or last):
                     eval_loss = self.evaluate_loss(held_out)
-                    metrics.write(json.dumps({"step": step + 1, "eval_loss": eval_loss}) + "\n")
-                    metrics.flush()
+                    if metrics is not None:
+                        metrics.write(json.dumps({"step": step + 1, "eval_loss": eval_loss}) + "\n")
+                        metrics.flush()
                     self.log(f"step {step + 1}: held-out loss {eval_loss:.4f}")
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return self._finish(total, loss_value)
 
-    def _finish(self, steps: int, loss: float) -> TrainResult:
-        adapter_dir = None
-        if self.targets:
-            adapter_dir = save_adapter(self.model, self.out / "adapter", self.targets, self.config.lora,
-                                       str(self.config.base))
-        merged = merge_adapters(self.model.to("cpu"))
-        merged_dir = native.save(merged, self.out / "merged")
-        self.log(f"wrote {merged_dir}" + (f" and {adapter_dir}" if adapter_dir else ""))
-        return TrainResult(self.out, merged_dir, adapter_dir, steps, loss, merged)
+    def _final_model(self) -> LVLM | None:
+        """The trained model, whole and on the CPU, on rank 0 (None elsewhere).
+
+        An FSDP run holds only shards: its full trainable state goes to rank 0, which rebuilds the model
+        around it from the base instead of gathering the frozen base too.
+        """
+        if self.ranks.strategy != "fsdp":
+            return self.model if self.ranks.is_main else None
+        weights, _ = distributed.trainable_state(self.model, self.optimizer)
+        if not self.ranks.is_main:
+            return None
+        model = build_model(self.config)
+        set_trainable(model, self.config)
+        trained_in_fp32(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        return model
+
+    def _finish(self, steps: int, loss: float) -> TrainResult | None:
+        model = self._final_model()
+        result = None
+        if model is not None:
+            model = model.to("cpu")
+            remove_upcasts(model)
+            adapter_dir = None
+            if self.targets:
+                adapter_dir = save_adapter(model, self.out / "adapter", self.targets, self.config.lora,
+                                           str(self.config.base))
+            merged = merge_adapters(model)
+            merged_dir = native.save(merged, self.out / "merged")
+            self.log(f"wrote {merged_dir}" + (f" and {adapter_dir}" if adapter_dir else ""))
+            result = TrainResult(self.out, merged_dir, adapter_dir, steps, loss, merged)
+        self.ranks.barrier()
+        return result
 
 
-def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Run `config` (see TrainConfig); resumes from output_dir's newest checkpoint when allowed."""
+def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult | None:
+    """Run `config` (see TrainConfig); resumes from output_dir's newest checkpoint when allowed.
+
+    Returns None on torchrun ranks other than 0 (rank 0 writes the outputs)."""
     return Trainer(config, log).run()
