@@ -38,6 +38,12 @@ _HEADERS = {
 }
 
 
+# keys of an image of the report that older or hand-made reports may lack (fundusrt.runtime.report.ImageResult)
+_IMAGE_DEFAULTS = {"frame_index": 0, "num_tiles": 0, "laterality_source": "tag", "image_laterality": "unknown",
+                   "image_laterality_confidence": 0.0, "laterality_mismatch": False, "gradable": True,
+                   "gradability_reasons": [], "timings": {}}
+
+
 def _eye_name(eye: str) -> str:
     return EYE_NAMES.get(eye, "Eye not recorded")
 
@@ -228,7 +234,7 @@ class ReviewApp:
                 lesions = [les for les in findings[eye].lesions if les.sop_instance_uid == image["sop_instance_uid"]
                            and les.frame_index == image.get("frame_index", 0)] if eye in findings else []
                 url = f"/image/{study.study_uid}/{image['sop_instance_uid']}/{image.get('frame_index', 0)}"
-                images.append({**image, "url": url, "lesions": lesions,
+                images.append({**_IMAGE_DEFAULTS, **image, "url": url, "lesions": lesions,
                                "available": study.image_path(image["sop_instance_uid"]) is not None})
             items = [{"id": item_id, "answer": item["answer"],
                       "probability": item["probabilities"].get(item["answer"], 0.0),

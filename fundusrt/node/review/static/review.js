@@ -104,7 +104,10 @@ function startStudy(section) {
   const form = document.getElementById("signoff-form");
   let dirty = false;
   if (form) {
-    form.addEventListener("input", () => { dirty = true; });
+    form.addEventListener("input", (event) => {
+      dirty = true;
+      if (event.target.setCustomValidity) event.target.setCustomValidity("");  // typed a reason: ask no more
+    });
     form.addEventListener("submit", (event) => {
       // an override needs a reason: say so before the round trip (the server checks it too)
       for (const fieldset of form.querySelectorAll("fieldset")) {
