@@ -138,3 +138,44 @@ def test_int8_and_int4_demo_packages_pass_the_gate(tmp_path: Path) -> None:
                           thresholds=GateThresholds(decoder_cosine=1.0))
     assert not strict.passed and "decoder cosine" in strict.failures[0]
     assert json.loads((tmp_path / "int4" / "manifest.json").read_text())["extra"][GATE_KEY]["passed"] is False
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_streamed_weights_equal_the_builders_own_save(precision: str, tiny_package, tmp_path: Path) -> None:
+    """The reference: onnxruntime-genai's builder end to end (transformers checkpoint in, its own quantising
+    save out). Our streamed save of the same decoder must write the same nodes and the same bytes."""
+    import transformers
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    from fundusrt.export.genai import DECODER_FILE, build_genai_decoder
+    from fundusrt.export.onnx import decoder_spec
+    from fundusrt.models import load
+
+    checkpoint, _ = tiny_package("internvit-shuffle", seed=3)
+    model = load(checkpoint)
+    hf, theirs = tmp_path / "hf", tmp_path / "theirs"
+    model.language_model.save_pretrained(hf, safe_serialization=True)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=model.tokenizer).save_pretrained(hf)
+    extra = ["exclude_embeds=true", f"filename={DECODER_FILE}", "hf_token=false", "block_size=32",
+             "accuracy_level=4", "is_symmetric=true"]
+    parsed = parse_extra_options(None, str(hf), str(theirs), precision, "cpu", str(tmp_path / "cache"), extra)
+    create_model(None, str(hf), str(theirs), precision, "cpu", str(tmp_path / "cache"), **parsed)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    build_genai_decoder(model, ours, decoder_spec(model, 64), GenaiDecoderOptions(precision=precision))
+
+    def graph(path: Path) -> tuple[list[tuple[str, str]], dict[str, np.ndarray]]:
+        proto = onnx.load(str(path / DECODER_FILE))
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        return sorted((n.op_type, n.name) for n in proto.graph.node), weights
+
+    (their_nodes, their_weights), (our_nodes, our_weights) = graph(theirs), graph(ours)
+    our_nodes = [node for node in our_nodes if node[1] != "/lm_head/last_position"]  # our Slice before the head
+    assert our_nodes == their_nodes
+    # Per layer: packed q/k/v, o, gate, up and down projections; then the LM head. No float MatMul is left.
+    assert sum(op == "MatMulNBits" for op, _ in our_nodes) == 5 * model.config.text.num_layers + 1
+    assert not any(op == "MatMul" for op, _ in our_nodes)
+    our_weights = {k: v for k, v in our_weights.items() if not k.startswith("last_position/")}
+    assert sorted(our_weights) == sorted(their_weights)
+    for name, array in their_weights.items():
+        np.testing.assert_array_equal(our_weights[name], array, err_msg=name)

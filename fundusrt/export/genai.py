@@ -8,17 +8,23 @@ place), `SkipSimplifiedLayerNormalization` and rotary embedding fused. With `exc
 `inputs_embeds`, which is what splicing image features needs. It knows Qwen2, Llama (InternLM2 is
 loaded as Llama by fundusrt) and Phi-3, the seed models' decoders.
 
-What we add: the decoder of our loaded model written as a transformers checkpoint for it, the
-builder run quietly in a temporary folder, its files renamed to the package's, and the I/O checked
-against the runtime's contract (`fundusrt.manifest`).
+What we add: the builder is handed our loaded decoder (memory-mapped from the checkpoint, never
+copied into a transformers checkpoint) and writes its graph, but we write the weights: the builder's
+own save converts the whole graph to one in-memory protobuf in fp32 before quantising it (about 30 GB
+for a 7B decoder), so an 8B model could not be exported on a 24-32 GB machine. Ours streams: each
+MatMul weight is cast, quantised with the same ORT (MLAS) quantiser the builder uses, written to
+external data and dropped, one tensor at a time. Then the I/O is checked against the runtime's
+contract (`fundusrt.manifest`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -69,11 +75,128 @@ class GenaiDecoderOptions:
         }
 
 
-def _write_hf_decoder(model: LVLM, out: Path) -> None:
-    """The decoder as a transformers checkpoint (config, safetensors, tokenizer) for the builder to read."""
+def _write_hf_config(model: LVLM, out: Path) -> None:
+    """The decoder's transformers config and tokenizer (no weights) for the builder to read."""
     transformers = require("transformers", "building decoders with onnxruntime-genai")
-    model.language_model.save_pretrained(out, safe_serialization=True)
+    config = copy.deepcopy(model.language_model.config)
+    config.architectures = [type(model.language_model).__name__]  # what the builder dispatches on
+    config.save_pretrained(out)
     transformers.PreTrainedTokenizerFast(tokenizer_object=model.tokenizer).save_pretrained(out)
+
+
+class _StreamedQuantiser:
+    """MatMul -> MatMulNBits with weights quantised when they are written, not before.
+
+    The packed weight and its scales are two initializers computed together: the pair is quantised on
+    the first read and dropped after the second, so one weight is in memory at a time.
+    """
+
+    def __init__(self, quant_attrs: dict[str, Any]) -> None:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+
+        self.bits, self.block_size = quant_attrs["bits"], quant_attrs["matmul_block_size"]
+        self.accuracy_level = quant_attrs["accuracy_level"]
+        self.op_types = tuple(quant_attrs["op_types_to_quantize"])
+        self.excluded = set(quant_attrs["nodes_to_exclude"])
+        # The quantiser the builder's own save runs (MLAS C++ kernels), so the bytes are the same.
+        self.quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+            block_size=self.block_size, is_symmetric=True, accuracy_level=self.accuracy_level,
+            op_types_to_quantize=self.op_types, bits=self.bits))
+        self._pending: dict[str, dict[str, np.ndarray]] = {}
+
+    def _part(self, weight: Any, name: str, part: str) -> Any:
+        import onnx_ir as ir
+
+        if name not in self._pending:
+            fp32 = np.ascontiguousarray(weight.numpy(), dtype=np.float32)
+            packed, scales, _ = self.quantizer.qbits_block_quant(fp32)
+            self._pending[name] = {"packed": packed, "scales": scales}
+        parts = self._pending[name]
+        array = parts.pop(part)
+        if not parts:
+            del self._pending[name]
+        return ir.Tensor(array, name=f"{name}_{part}")
+
+    def rewrite(self, model: Any) -> None:
+        """Replace every eligible MatMul of `model` (an onnx_ir Model) by a lazily quantised MatMulNBits."""
+        import onnx_ir as ir
+
+        graph = model.graph
+        for node in list(graph):
+            if node.op_type not in self.op_types or node.name in self.excluded or node.op_type != "MatMul":
+                continue
+            weight_value = node.inputs[1]
+            weight = weight_value.const_value if weight_value is not None else None
+            if weight is None or len(weight.shape) != 2:
+                continue
+            k, n = (int(d) for d in weight.shape)
+            k_blocks = -(-k // self.block_size)
+            blob = self.block_size * self.bits // 8
+            name = weight_value.name
+            packed = ir.LazyTensor(lambda w=weight, nm=name: self._part(w, nm, "packed"), dtype=ir.DataType.UINT8,
+                                   shape=ir.Shape([n, k_blocks, blob]), name=f"{name}_Q{self.bits}")
+            scales = ir.LazyTensor(lambda w=weight, nm=name: self._part(w, nm, "scales"), dtype=ir.DataType.FLOAT,
+                                   shape=ir.Shape([n, k_blocks]), name=f"{name}_scales")
+            inputs = [node.inputs[0]]
+            for tensor in (packed, scales):
+                value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                                 const_value=tensor)
+                graph.register_initializer(value)
+                inputs.append(value)
+            attributes = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
+            if self.accuracy_level:
+                attributes["accuracy_level"] = self.accuracy_level
+            replacement = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft",
+                                  name=f"{node.name}_Q{self.bits}", num_outputs=1)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], node.outputs,
+                                                    replacement.outputs)
+            if not weight_value.uses():
+                graph.initializers.pop(name)
+        model.opset_imports.setdefault("com.microsoft", 1)
+
+
+def _streamed_save(builder: Any, out_dir: str, release: Callable[[], None]) -> None:
+    """The builder's `save_model`, with weights cast, quantised and written one at a time."""
+    import onnx_ir as ir
+
+    model = builder.model
+    if builder.onnx_dtype in {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}:
+        _StreamedQuantiser(builder.quant_attrs).rewrite(model)
+    model.graph.sort()
+    builder.stamp_build_metadata(model)
+    out_path = Path(out_dir) / builder.filename
+    # Dropping the checkpoint's mapped pages after each tensor keeps the resident set at one weight.
+    ir.save(model, str(out_path), external_data=out_path.name + ".data", size_threshold_bytes=0,
+            callback=lambda _tensor, _info: release())
+
+
+@contextlib.contextmanager
+def _builder_streams(decoder: Any, release: Callable[[], None]) -> Iterator[None]:
+    """While active, the builder takes `decoder` as the model it reads and saves with `_streamed_save`.
+
+    The builder offers no hook for weights that are already loaded or that must not be held twice,
+    so its two methods are replaced for the duration of one `create_model` call.
+    """
+    # The builder imports its modules under their own top-level names: patch the class it really uses.
+    from onnxruntime_genai.models.builder import Model
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(Model, "load_weights", lambda _self, _path: decoder))
+        stack.enter_context(_patched(Model, "save_model", lambda self, out: _streamed_save(self, out, release)))
+        yield
+
+
+@contextlib.contextmanager
+def _patched(owner: type, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    original = owner.__dict__[name]
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def _check_io(path: Path, spec: DecoderSpec) -> None:
@@ -122,6 +245,9 @@ def _logits_of_last_position(path: Path) -> None:
 def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: GenaiDecoderOptions) -> list[Path]:
     """Write `decoder.onnx` (+ `decoder.onnx.data`) into `staging`; returns the files, graph first.
 
+    The decoder's weights are read from `model` one tensor at a time; when `model` was loaded with its
+    weights memory-mapped (`fundusrt.models.load`), their pages are dropped as each one is written.
+
     Raises:
         MissingDependencyError: onnxruntime-genai (fundusrt[export]) is not installed.
         PackageError: the builder's graph does not have the runtime's inputs and outputs.
@@ -137,6 +263,8 @@ def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: 
 
     # hf_token=false: everything is local; the builder must never look for (or send) a Hub token.
     extra = ["exclude_embeds=true", f"filename={DECODER_FILE}", "hf_token=false"]
+    mapped = getattr(model, "mapped_weights", None)
+    release = mapped.release if mapped is not None else (lambda: None)
     if options.precision != "fp32":
         extra += [f"block_size={options.block_size}", f"accuracy_level={options.accuracy_level}", "is_symmetric=true"]
     with tempfile.TemporaryDirectory(dir=staging, prefix=".genai.") as tmp:
@@ -145,9 +273,10 @@ def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: 
         chatter = io.StringIO()
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-                _write_hf_decoder(model, hf)
+                _write_hf_config(model, hf)
                 parsed = parse_extra_options(None, str(hf), str(out), options.precision, "cpu", str(cache), extra)
-                create_model(None, str(hf), str(out), options.precision, "cpu", str(cache), **parsed)
+                with _builder_streams(model.language_model, release):
+                    create_model(None, str(hf), str(out), options.precision, "cpu", str(cache), **parsed)
         except Exception as exc:  # the builder raises bare Exceptions with its reason
             raise PackageError(f"onnxruntime-genai could not build the {options.precision} decoder: {exc}\n"
                                f"{chatter.getvalue()[-2000:]}") from exc

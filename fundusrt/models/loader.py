@@ -8,6 +8,10 @@ Buffers such as rotary frequencies are computed normally, since checkpoints do n
 from __future__ import annotations
 
 import importlib
+import json
+import math
+import mmap
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,30 +67,81 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def _read_weights(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
+# safetensors dtype -> torch dtype of the tensors fundusrt maps.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
+
+class MappedWeights:
+    """The memory maps behind a loaded model's tensors.
+
+    Tensors stored in the requested dtype are views of the checkpoint's files (no copy, no RAM of their
+    own); the pages they touch count in the process's resident set until `release()` drops them, which
+    is what lets an export stream an 8B checkpoint tensor by tensor.
+    """
+
+    def __init__(self) -> None:
+        self._maps: list[mmap.mmap] = []
+
+    def map(self, file: Path) -> dict[str, torch.Tensor]:
+        """Every tensor of one safetensors file, as views of its memory map."""
+        with file.open("rb") as handle:
+            head, file_size = handle.read(8), os.fstat(handle.fileno()).st_size
+            header_len = int.from_bytes(head, "little")
+            if len(head) < 8 or 8 + header_len > file_size:
+                raise CheckpointError(f"{file} is not a valid safetensors file: its header length does not fit "
+                                      f"its {file_size} bytes (truncated, or another format)")
+            try:
+                header = json.loads(handle.read(header_len))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{file} is not a valid safetensors file: unreadable header ({exc})") from exc
+            # ACCESS_COPY: private pages, so torch gets a writable buffer while the file is never written.
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._maps.append(mapped)
+        base, size = 8 + header_len, len(mapped)
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{file}: tensor {name!r} has an entry fundusrt cannot map: {entry}") from exc
+            count = math.prod(shape)
+            if base + end > size or end - start != count * torch.empty((), dtype=dtype).element_size():
+                raise CheckpointError(f"{file} is truncated or corrupt: tensor {name!r} ({entry['dtype']} {shape}) "
+                                      f"does not fit bytes {start}..{end} of a {size - base}-byte data section")
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=base + start) if count else \
+                torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
+        return tensors
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident set (they are re-read from the file if used)."""
+        for mapped in self._maps:
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def _read_weights(files: list[Path], dtype: torch.dtype | None, store: MappedWeights) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"weights file {file} is missing")
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    tensor = f.get_tensor(key)
-                    weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        except SafetensorError as exc:
-            raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
+        for key, tensor in store.map(file).items():
+            convert = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+            weights[key] = tensor.to(dtype) if convert else tensor
     return weights
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, layout: str | None = None,
+def load(path: str | Path, dtype: torch.dtype | None = torch.float32, layout: str | None = None,
          attn_implementation: str = "sdpa") -> LVLM:
     """Load a checkpoint directory into an `LVLM` in eval mode.
 
     Args:
         path: checkpoint directory.
-        dtype: floating-point dtype of the loaded weights.
+        dtype: floating-point dtype of the loaded weights; None keeps each tensor's stored dtype. Tensors
+            already in this dtype are memory-mapped from the files, not copied (`model.mapped_weights`).
         layout: layout name; detected from the files when None.
         attn_implementation: transformers attention backend ("sdpa" or "eager").
     """
@@ -98,12 +153,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, layout: str | Non
         raise CheckpointError(f"cannot read the config of checkpoint {root}: {exc}") from exc
     with parameters_on_meta():
         model = LVLM(config, tokenizer, attn_implementation)
+    store = MappedWeights()
     try:
         files = module.weight_files(root)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot find the weights of checkpoint {root}: {exc}") from exc
     try:
-        weights = module.sanitize(_read_weights(files, dtype), config)
+        weights = module.sanitize(_read_weights(files, dtype, store), config)
     except ValueError as exc:
         raise CheckpointError(f"cannot map the tensors of checkpoint {root}: {exc}") from exc
     mismatch = compare_weights(model, weights)
@@ -114,6 +170,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, layout: str | Non
         raise CheckpointError(f"checkpoint {root} has tensors of the wrong shape (name, file, config): "
                               f"{_first(mismatch.wrong_shape)}")
     model.load_state_dict(weights, strict=False, assign=True)
+    model.mapped_weights = store
     return model.eval()
 
 
