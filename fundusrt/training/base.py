@@ -9,6 +9,7 @@ layer at a time; without it, the upcast weights of every layer the gradient pass
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -24,14 +25,26 @@ NAMED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's bytes, read from the safetensors headers only."""
+    """The floating dtype holding most of the checkpoint's weights, from the safetensors headers (no tensor
+    data read), or from config.json's torch_dtype when the folder holds only the config (planning)."""
+    import json
+
     from fundusrt.models.loader import detect_layout, layout_module
 
-    files = layout_module(detect_layout(path)).weight_files(Path(path))
+    root = Path(path)
+    try:
+        files = layout_module(detect_layout(root)).weight_files(root)
+    except FileNotFoundError:
+        config = json.loads((root / "config.json").read_text())
+        name = config.get("torch_dtype") or config.get("dtype") or config.get("llm_config", {}).get("torch_dtype")
+        if name not in CONFIG_DTYPES:
+            raise ValueError(f"{root} has no weights and its config.json names no torch_dtype of "
+                             f"{list(CONFIG_DTYPES)}; set base_dtype in the training config") from None
+        return CONFIG_DTYPES[name]
     sizes: Counter[torch.dtype] = Counter()
     for shape, name in tensor_headers(files).values():
         if name in SAFETENSORS_DTYPES:
-            sizes[SAFETENSORS_DTYPES[name]] += int(torch.tensor(shape).prod()) if shape else 1
+            sizes[SAFETENSORS_DTYPES[name]] += math.prod(shape)
     if not sizes:
         raise ValueError(f"checkpoint {path} holds no floating-point tensors")
     return sizes.most_common(1)[0][0]
