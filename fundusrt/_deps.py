@@ -16,6 +16,7 @@ _EXTRA_FOR: dict[str, str | tuple[str, ...]] = {
     "onnxscript": "export",
     "onnxruntime_genai": "export",
     "peft": "train",
+    "bitsandbytes": "qlora",
     "tensorrt": GPU_PROFILES,
     "cuda": GPU_PROFILES,
     "matplotlib": "bench",
