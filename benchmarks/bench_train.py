@@ -90,7 +90,7 @@ def plan_8b(workdir: Path) -> None:
 
 
 def measure_mini(workdir: Path) -> None:
-    from fundusrt.bench.machine import describe_machine
+    from fundusrt.bench.machine import cpu_summary
     from fundusrt.synth.instructions import write_instructions
 
     base = workdir / "mini"
@@ -100,7 +100,7 @@ def measure_mini(workdir: Path) -> None:
     if not data.is_dir():
         write_instructions(data, count=1, seed_start=0, types=("laterality",), sizes=((448, 448),))
     files = [str(p) for p in sorted(data.glob("*.json"))]
-    print(f"machine: {describe_machine()}")
+    print(f"machine: {cpu_summary()}")
     for name, settings in {"fp32 base (today's path)": {"base_dtype": "fp32"},
                            "bf16 base + checkpointing": {"grad_checkpointing": True}}.items():
         config = train_config(base, workdir / f"out-{len(name)}", files, max_steps=2, warmup_steps=1, log_every=1,

@@ -177,6 +177,7 @@ class Trainer:
         self.model = build_model(config)
         if config.quantize_base == "nf4":
             quantize_decoder_nf4(self.model, self.autocast_dtype or torch.bfloat16, self.device)
+        torch.manual_seed(config.seed)  # LoRA initialisation: the same on every rank and in every run
         self.targets = set_trainable(self.model, config)
         trained_in_fp32(self.model)
         if self.autocast_dtype is None:
