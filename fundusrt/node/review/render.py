@@ -35,7 +35,7 @@ def render_image(path: Path, sop_instance_uid: str, frame_index: int, lesions: l
     if max_side:
         picture.thumbnail((max_side, max_side))
     out = io.BytesIO()
-    picture.save(out, "JPEG", quality=JPEG_QUALITY)
+    picture.save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: thin coloured lines stay coloured
     return out.getvalue()
 
 
