@@ -20,6 +20,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+from fundusrt.models.layouts.internvl_chat import tensor_shapes
 from fundusrt.models.tokenizer import build_tokenizer
 
 VOCAB = 600  # tokenizer (512 + a few added) plus spare rows, like real padded embedding tables
@@ -72,58 +73,10 @@ IVL_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, 
            "rope_theta": 1000000.0, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "tie_word_embeddings": False}
 
 
-def internvl_chat_shapes(vc: dict, llm: dict, internlm2: bool) -> dict[str, tuple[int, ...]]:
-    d, f, p = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
-    g = vc["image_size"] // p
-    shapes: dict[str, tuple[int, ...]] = {
-        "vision_model.embeddings.class_embedding": (1, 1, d),
-        "vision_model.embeddings.patch_embedding.weight": (d, 3, p, p),
-        "vision_model.embeddings.patch_embedding.bias": (d,),
-        "vision_model.embeddings.position_embedding": (1, g * g + 1, d),
-    }
-    norm_params = ("weight", "bias") if vc["norm_type"] == "layer_norm" else ("weight",)
-    for i in range(vc["num_hidden_layers"]):
-        pre = f"vision_model.encoder.layers.{i}."
-        for norm in ("norm1", "norm2"):
-            shapes |= {f"{pre}{norm}.{k}": (d,) for k in norm_params}
-        shapes[pre + "attn.qkv.weight"] = (3 * d, d)
-        if vc["qkv_bias"]:
-            shapes[pre + "attn.qkv.bias"] = (3 * d,)
-        if vc["qk_normalization"]:
-            shapes |= {pre + "attn.q_norm.weight": (d,), pre + "attn.k_norm.weight": (d,)}
-        shapes |= {pre + "attn.proj.weight": (d, d), pre + "attn.proj.bias": (d,), pre + "ls1": (d,),
-                   pre + "ls2": (d,), pre + "mlp.fc1.weight": (f, d), pre + "mlp.fc1.bias": (f,),
-                   pre + "mlp.fc2.weight": (d, f), pre + "mlp.fc2.bias": (d,)}
-    h, inter, v = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
-    heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
-    hd = h // heads
-    shapes |= {"mlp1.0.weight": (4 * d,), "mlp1.0.bias": (4 * d,), "mlp1.1.weight": (h, 4 * d), "mlp1.1.bias": (h,),
-               "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,)}
-    lm = "language_model.model."
-    if internlm2:
-        shapes |= {lm + "tok_embeddings.weight": (v, h), lm + "norm.weight": (h,), "language_model.output.weight": (v, h)}
-        for i in range(llm["num_hidden_layers"]):
-            pre = f"{lm}layers.{i}."
-            shapes |= {pre + "attention.wqkv.weight": ((heads + 2 * kv) * hd, h), pre + "attention.wo.weight": (h, h),
-                       pre + "feed_forward.w1.weight": (inter, h), pre + "feed_forward.w3.weight": (inter, h),
-                       pre + "feed_forward.w2.weight": (h, inter), pre + "attention_norm.weight": (h,),
-                       pre + "ffn_norm.weight": (h,)}
-        return shapes
-    shapes |= {lm + "embed_tokens.weight": (v, h), lm + "norm.weight": (h,), "language_model.lm_head.weight": (v, h)}
-    for i in range(llm["num_hidden_layers"]):
-        pre = f"{lm}layers.{i}."
-        shapes |= {pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.q_proj.bias": (h,),
-                   pre + "self_attn.k_proj.weight": (kv * hd, h), pre + "self_attn.k_proj.bias": (kv * hd,),
-                   pre + "self_attn.v_proj.weight": (kv * hd, h), pre + "self_attn.v_proj.bias": (kv * hd,),
-                   pre + "self_attn.o_proj.weight": (h, h), pre + "mlp.gate_proj.weight": (inter, h),
-                   pre + "mlp.up_proj.weight": (inter, h), pre + "mlp.down_proj.weight": (h, inter),
-                   pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,)}
-    return shapes
-
-
 def write_internvl_chat(root: Path, *, internlm2: bool, qk_norm: bool = False, seed: int = 0,
-                        max_dynamic_patch: int = 6) -> Path:
-    """A tiny FundusExpert-style InternVLChatModel directory (bf16 weights for the InternLM2 variant)."""
+                        max_dynamic_patch: int = 6, llm_sizes: dict | None = None) -> Path:
+    """A tiny FundusExpert-style InternVLChatModel directory (bf16 weights for the InternLM2 variant);
+    `llm_sizes` overrides llm_config entries (a bigger decoder)."""
     root.mkdir(parents=True, exist_ok=True)
     vc = {**IVL_VISION, "qkv_bias": not qk_norm, "qk_normalization": qk_norm,
           "norm_type": "rms_norm" if qk_norm else "layer_norm"}
@@ -134,6 +87,7 @@ def write_internvl_chat(root: Path, *, internlm2: bool, qk_norm: bool = False, s
     else:
         llm = {**IVL_LLM, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
         tok = tokenizer()
+    llm |= llm_sizes or {}
     config = {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
@@ -147,7 +101,7 @@ def write_internvl_chat(root: Path, *, internlm2: bool, qk_norm: bool = False, s
     (root / "config.json").write_text(json.dumps(config, indent=2))
     (root / "tokenizer.json").write_text(tok.to_str())
     (root / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": internlm2, "bos_token": "<s>"}))
-    write_sharded(root, internvl_chat_shapes(vc, llm, internlm2), seed,
+    write_sharded(root, tensor_shapes(vc, llm, internlm2), seed,
                   torch.bfloat16 if internlm2 else torch.float32)
     return root
 

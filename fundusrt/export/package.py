@@ -113,7 +113,17 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
     import torch
 
     layout = detect_layout(checkpoint)
-    model = load(checkpoint, dtype=getattr(torch, DTYPES[dtype]), layout=layout)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    if genai_decoder is None:
+        model = load(checkpoint, dtype=torch_dtype, layout=layout)
+    else:
+        # The builder reads the decoder's layers one tensor at a time from the memory-mapped checkpoint, in
+        # their stored dtype; only what torch exports is converted (an 8B model is never held whole).
+        model = load(checkpoint, dtype=None, layout=layout)
+        for part in (model.vision, model.connector, model.language_model.get_input_embeddings()):
+            part.to(torch_dtype)
+        if model.config.image_layout == "anyres_unpad":
+            model.image_newline.data = model.image_newline.data.to(torch_dtype)
     config = model.config
     max_positions = config.text.config.get("max_position_embeddings")
     if max_seq_len < 1 or (max_positions and max_seq_len > max_positions):

@@ -164,3 +164,54 @@ def sanitize(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
         else:
             out[name] = tensor
     return out
+
+
+def tensor_shapes(vc: dict[str, Any], llm: dict[str, Any], internlm2: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint with this `vision_config` / `llm_config` holds (InternLM2
+    or Qwen2 decoder): what synthetic checkpoints of real shapes are written from."""
+    d, f, p = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
+    g = vc["image_size"] // p
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision_model.embeddings.class_embedding": (1, 1, d),
+        "vision_model.embeddings.patch_embedding.weight": (d, 3, p, p),
+        "vision_model.embeddings.patch_embedding.bias": (d,),
+        "vision_model.embeddings.position_embedding": (1, g * g + 1, d),
+    }
+    norm_params = ("weight", "bias") if vc["norm_type"] == "layer_norm" else ("weight",)
+    for i in range(vc["num_hidden_layers"]):
+        pre = f"vision_model.encoder.layers.{i}."
+        for norm in ("norm1", "norm2"):
+            shapes |= {f"{pre}{norm}.{k}": (d,) for k in norm_params}
+        shapes[pre + "attn.qkv.weight"] = (3 * d, d)
+        if vc["qkv_bias"]:
+            shapes[pre + "attn.qkv.bias"] = (3 * d,)
+        if vc["qk_normalization"]:
+            shapes |= {pre + "attn.q_norm.weight": (d,), pre + "attn.k_norm.weight": (d,)}
+        shapes |= {pre + "attn.proj.weight": (d, d), pre + "attn.proj.bias": (d,), pre + "ls1": (d,),
+                   pre + "ls2": (d,), pre + "mlp.fc1.weight": (f, d), pre + "mlp.fc1.bias": (f,),
+                   pre + "mlp.fc2.weight": (d, f), pre + "mlp.fc2.bias": (d,)}
+    h, inter, v = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+    hd = h // heads
+    shapes |= {"mlp1.0.weight": (4 * d,), "mlp1.0.bias": (4 * d,), "mlp1.1.weight": (h, 4 * d), "mlp1.1.bias": (h,),
+               "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,)}
+    lm = "language_model.model."
+    if internlm2:
+        shapes |= {lm + "tok_embeddings.weight": (v, h), lm + "norm.weight": (h,), "language_model.output.weight": (v, h)}
+        for i in range(llm["num_hidden_layers"]):
+            pre = f"{lm}layers.{i}."
+            shapes |= {pre + "attention.wqkv.weight": ((heads + 2 * kv) * hd, h), pre + "attention.wo.weight": (h, h),
+                       pre + "feed_forward.w1.weight": (inter, h), pre + "feed_forward.w3.weight": (inter, h),
+                       pre + "feed_forward.w2.weight": (h, inter), pre + "attention_norm.weight": (h,),
+                       pre + "ffn_norm.weight": (h,)}
+        return shapes
+    shapes |= {lm + "embed_tokens.weight": (v, h), lm + "norm.weight": (h,), "language_model.lm_head.weight": (v, h)}
+    for i in range(llm["num_hidden_layers"]):
+        pre = f"{lm}layers.{i}."
+        shapes |= {pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.q_proj.bias": (h,),
+                   pre + "self_attn.k_proj.weight": (kv * hd, h), pre + "self_attn.k_proj.bias": (kv * hd,),
+                   pre + "self_attn.v_proj.weight": (kv * hd, h), pre + "self_attn.v_proj.bias": (kv * hd,),
+                   pre + "self_attn.o_proj.weight": (h, h), pre + "mlp.gate_proj.weight": (inter, h),
+                   pre + "mlp.up_proj.weight": (inter, h), pre + "mlp.down_proj.weight": (h, inter),
+                   pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,)}
+    return shapes
