@@ -27,7 +27,7 @@ _EXTRA_FOR: dict[str, str | tuple[str, ...]] = {
     "starlette": "ui",
     "jinja2": "ui",
     "uvicorn": "ui",
-    "multipart": "ui",
+    "python_multipart": "ui",
     "itsdangerous": "ui",
     "selenium": "dev",
     "dicomweb_client": "node",

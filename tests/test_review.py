@@ -126,8 +126,8 @@ def refused_without_csrf(driver: Any, path: str) -> int:
 
 
 def predecessor_uids(ds: Any) -> set[str]:
-    return {ref.ReferencedSOPInstanceUID for s in ds.PredecessorDocumentsSequence for series in s.ReferencedSeriesSequence
-            for ref in series.ReferencedSOPSequence}
+    return {ref.ReferencedSOPInstanceUID for s in ds.PredecessorDocumentsSequence
+            for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
 
 
 def evidence_uids(ds: Any) -> set[str]:
@@ -361,9 +361,13 @@ def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_
         assert not list(folder.rglob("SO_*.dcm")) and source.state.signoffs() == []
         status, headers, _ = client.request(f"/study/{study}/signoff", {**form, "csrf": csrf})
         assert status == 303 and "?signed=" in headers["location"]
-        (signoff,) = source.state.signoffs()
+        (signoff,) = source.state.signoffs()  # on record when the page said so
         assert signoff.grader == "Doe^Jane" and signoff.eyes["R"]["action"] == "overridden"
-        assert Path(signoff.path).is_file() and signoff.delivered  # no destination: delivered where it was written
+        assert Path(signoff.path).is_file()
+        deadline = time.monotonic() + 10  # no destination: delivered where it was written, in the background
+        while source.state.signoffs(undelivered=True) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source.state.signoffs(undelivered=True) == []
         assert client.request(f"/image/{study}/1.2.3/0")[0] == 404
     finally:
         server.stop()
@@ -431,8 +435,8 @@ def test_review_in_the_browser_sign_off_overrides_one_eye(review: tuple, results
                  message="the referable filter does not keep just the referred study")
         driver.find_element(By.CSS_SELECTOR, "[data-filter=referable]").click()
 
-        wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"tr[data-study='{refer_study.study_instance_uid}'] a"
-                                                  ).click() or True)  # retried when a redraw took the row away
+        link = f"tr[data-study='{refer_study.study_instance_uid}'] a"
+        wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, link).click() or True)  # retried after a redraw
         wait_for(driver, lambda d: d.find_elements(By.ID, "study") and images_loaded(d), message="images not drawn")
         images = driver.find_elements(By.CSS_SELECTOR, "img.fundus")
         assert len(images) == len(refer_study.instances)

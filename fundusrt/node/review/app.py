@@ -71,7 +71,8 @@ class ReviewApp:
 
     def __init__(self, source: Any, auth: Authenticator, organization: str, secure_cookies: bool = False,
                  title: str = "fundusrt review") -> None:
-        starlette = require("starlette", "the review page")
+        for module in ("starlette", "jinja2", "python_multipart", "itsdangerous"):  # say which extra, up front
+            require(module, "the review page")
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
         from starlette.middleware.base import BaseHTTPMiddleware
@@ -80,7 +81,6 @@ class ReviewApp:
         from starlette.staticfiles import StaticFiles
         from starlette.templating import Jinja2Templates
 
-        del starlette
         self.source, self.auth, self.organization, self.title = source, auth, organization, title
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.images = ImageCache()
@@ -141,7 +141,8 @@ class ReviewApp:
             return JSONResponse({"error": message}, status_code=status_code)
         return PlainTextResponse(message, status_code=status_code)
 
-    def _login_redirect(self, request: Any) -> Any:
+    @staticmethod
+    def _login_redirect() -> Any:
         from starlette.responses import RedirectResponse
 
         return RedirectResponse("/login", status_code=303)
@@ -190,25 +191,22 @@ class ReviewApp:
                 "decision_label": DECISIONS.get(study.decision or "", ""),
                 "signoff": _signoff_json(signoffs.get(study.study_uid)), "url": f"/study/{study.study_uid}"}
 
-    async def worklist(self, request: Any) -> Any:
+    # GET handlers are plain functions: Starlette runs them in its thread pool (they read SQLite and files).
+
+    def worklist(self, request: Any) -> Any:
         if self._user(request) is None:
-            return self._login_redirect(request)
+            return self._login_redirect()
         return self._page(request, "worklist.html")
 
-    async def api_studies(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
+    def api_studies(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
         if self._user(request) is None:
             return self._refused(request, 401, "sign in first")
+        latest = {s.study_uid: s for s in self.source.state.signoffs()}  # oldest first: the last one wins
+        return JSONResponse({"studies": [self._row(study, latest) for study in reversed(self.source.studies())]})
 
-        def rows() -> list[dict[str, Any]]:
-            latest = {s.study_uid: s for s in self.source.state.signoffs()}  # oldest first: the last one wins
-            return [self._row(study, latest) for study in reversed(self.source.studies())]
-
-        return JSONResponse({"studies": await run_in_threadpool(rows)})
-
-    async def api_study(self, request: Any) -> Any:
+    def api_study(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
         if self._user(request) is None:
@@ -240,23 +238,24 @@ class ReviewApp:
                       "probability": item["probabilities"].get(item["answer"], 0.0),
                       "options": sorted(item["probabilities"].items(), key=lambda kv: -kv[1])}
                      for item_id, item in (summary.get("items") or {}).items()]
-            eyes.append({"key": eye, "name": _eye_name(eye), "summary": summary, "protocol_items": items, "images": images,
+            eyes.append({"key": eye, "name": _eye_name(eye), "summary": summary, "protocol_items": items,
+                         "images": images,
                          "decision_label": DECISIONS.get(summary.get("decision") or "", "not screened")})
         return {"study": study, "report": report, "eyes": eyes, "decisions": DECISIONS,
                 "package": report.get("package") or {}, "screening": report.get("screening") or {},
                 "signoffs": [_signoff_json(s) for s in self.source.state.signoffs(study.study_uid)],
                 "ai_sr_uid": study.ai_sr_path.name[3:-4] if study.ai_sr_path else ""}
 
-    async def study_page(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
+    def study_page(self, request: Any) -> Any:
         if self._user(request) is None:
-            return self._login_redirect(request)
-        study = await run_in_threadpool(self.source.study, request.path_params["study_uid"])
+            return self._login_redirect()
+        study = self.source.study(request.path_params["study_uid"])
         if study is None:
             return self._refused(request, 404, "no such study (it may have been removed from the spool)")
-        return self._page(request, "study.html", **self._study_context(study),
-                          signed=request.query_params.get("signed", ""))
+        context = self._study_context(study)
+        signed = request.query_params.get("signed", "")  # confirmed only when it is a sign-off of this study
+        return self._page(request, "study.html", **context,
+                          signed=signed if any(s["sop_instance_uid"] == signed for s in context["signoffs"]) else "")
 
     async def signoff(self, request: Any) -> Any:
         from starlette.concurrency import run_in_threadpool
@@ -300,24 +299,25 @@ class ReviewApp:
 
     # ------------------------------------------------------------ images
 
-    async def image(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
+    def image(self, request: Any) -> Any:
         from starlette.responses import Response
 
         if self._user(request) is None:
             return self._refused(request, 401, "sign in first")
         uid, sop, frame = (request.path_params[k] for k in ("study_uid", "sop_uid", "frame"))
         full = request.query_params.get("size") == "full"
-        study = await run_in_threadpool(self.source.study, uid)
+        study = self.source.study(uid)
         path = study.image_path(sop) if study is not None else None
         if path is None:
             return self._refused(request, 404, "image not found (its source file is no longer on disk)")
         lesions = [les for eye in study_findings(study.report) for les in eye.lesions
                    if les.sop_instance_uid == sop and les.frame_index == frame]
         key = (str(path), str(study.ai_sr_path), sop, frame, full)
+        def render() -> bytes:
+            return render_image(path, sop, frame, lesions, None if full else THUMBNAIL_PX)
+
         try:
-            data = await run_in_threadpool(self.images.get_or_render, key,
-                                           lambda: render_image(path, sop, frame, lesions, None if full else THUMBNAIL_PX))
+            data = self.images.get_or_render(key, render)
         except (ResultWriteError, OSError) as exc:
             return self._refused(request, 404, f"image cannot be drawn: {exc}")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=600"})

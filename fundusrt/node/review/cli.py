@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `fundusrt review`."""
     parser.add_argument("dir", type=Path, nargs="?",
                         help="folder of results (report_*.json beside SR_*.dcm, as fundusrt run --dicom-out writes)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8080, help="port of the page (default 8080; 0: any free port)")
     add_ui_options(parser, prefix="")
     parser.add_argument("--send-to", type=Destination.parse, metavar="AET@HOST:PORT",
