@@ -325,6 +325,8 @@ def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_
 
     folder = tmp_path / "results"
     shutil.copytree(results.folder, folder)
+    (folder / "broken").mkdir()
+    (folder / "broken" / "report_1.2.3.json").write_text('{"images": [')  # one bad file hides only itself
     users = tmp_path / "users"
     users.write_text(f"jdoe:{hash_password('s3cret pass')}:Doe^Jane\n")
     source = FolderSource(folder)
@@ -348,7 +350,9 @@ def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_
         assert status == 303 and headers["location"] == "/"
         cookie = headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
-        assert "no-store" in client.request("/api/studies")[1]["cache-control"]
+        status, headers, body = client.request("/api/studies")
+        assert status == 200 and "no-store" in headers["cache-control"]
+        assert {s["study_uid"] for s in json.loads(body)["studies"]} == set(results.reports)
         page = client.request(f"/study/{study}")[2]
         csrf, ai_sr = (re.search(rf'name="{n}" value="([^"]+)"', page)[1] for n in ("csrf", "ai_sr"))
         form = {"ai_sr": ai_sr, "decision.R": "refer", "reason.R": "seen", "decision.L": "refer"}
@@ -413,6 +417,10 @@ def test_review_reports_bad_settings(tmp_path: Path) -> None:
     proc = review(str(tmp_path), "--port", "0", "--users", str(tmp_path / "users"))
     assert proc.returncode == 2 and "line 1: expected login:scrypt" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the hash field of a user list line, from a password typed twice (read from stdin without a terminal)
+    proc = subprocess.run([sys.executable, "-m", "fundusrt.cli", "review", "--hash-password"], input="pw 1\npw 1\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and check_password("pw 1", proc.stdout.strip())
 
 
 # ---------------------------------------------------------------- in a real browser

@@ -81,18 +81,19 @@ def _patient(path: Path) -> tuple[str, str]:
 class _Cache:
     """Reports and patient headers read once: result files are never rewritten, instances never change."""
 
-    reports: dict[Path, dict[str, Any]] = field(default_factory=dict)
+    reports: dict[Path, dict[str, Any] | None] = field(default_factory=dict)
     patients: dict[Path, tuple[str, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def report(self, path: Path) -> dict[str, Any] | None:
+        """The report's JSON; None (said once in the log) when it is unreadable, so one bad file hides only itself."""
         with self.lock:
             if path not in self.reports:
                 try:
                     self.reports[path] = json.loads(path.read_text())
                 except (OSError, ValueError) as exc:
-                    log.warning("cannot read the report %s: %s", path, exc)
-                    return None
+                    log.warning("cannot read the report %s (left out of the worklist): %s", path, exc)
+                    self.reports[path] = None
             return self.reports[path]
 
     def patient(self, path: Path) -> tuple[str, str]:
