@@ -11,6 +11,7 @@ Two engines, the same worker (`StudyScreener`) and the same table:
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -126,6 +127,9 @@ def screen(refs: Iterable[StudyRef], settings: ScreenSettings, *, resume: bool =
     else:
         progress, workers = _run_on_ray(pending, settings, table, batch_size, ray, progress_stream)
     wall = time.monotonic() - start
+    # Folders a worker was writing when it died; every worker has stopped by now.
+    for stale in (out_dir / "studies").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     result = table.compact()
     summary = summarise(result, [
         ("this_run", {"studies": progress.done + progress.failed, "failed": progress.failed,
