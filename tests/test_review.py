@@ -384,6 +384,63 @@ def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_
         assert s.patient_name not in text and s.patient_id not in text
 
 
+def test_node_worklist_shows_each_state_and_why_a_study_failed(results: Results, tmp_path: Path) -> None:
+    from fundusrt.node import Node, NodeConfig
+    from fundusrt.node.review.auth import Authenticator
+    from fundusrt.node.review.app import ReviewApp
+    from fundusrt.node.review.server import ReviewServer
+    from fundusrt.node.review.sources import NodeSource
+
+    good, bad = results.studies
+    reports = {good.study_instance_uid: results.reports[good.study_instance_uid]}
+
+    def process(study_dir: Path) -> dict[str, Any]:  # the ground-truth report, or the failure a run can meet
+        if study_dir.name not in reports:
+            raise ValueError("no readable fundus image in the study")
+        return reports[study_dir.name]
+
+    (tmp_path / "watch").mkdir()  # instances go in through node.ingest, as the SCP hands them over
+    node = Node(NodeConfig(spool=tmp_path / "spool", port=None, watch_dir=tmp_path / "watch", quiet_seconds=0,
+                           output_dir=tmp_path / "out"), process)
+    review = ReviewApp(NodeSource(node), Authenticator(), "Test Eye Clinic")
+    server = ReviewServer(review, port=0)
+    try:
+        for path in bad.files[:1]:
+            node.ingest(path.read_bytes())  # not started yet: the study waits as received
+        server.start()
+        client = Client(server.url)
+        client.request("/login", {"csrf": client.csrf(), "login": "Jane Doe", "secret": review.auth.token})
+
+        def listed() -> dict[str, dict[str, Any]]:
+            return {s["study_uid"]: s for s in json.loads(client.request("/api/studies")[2])["studies"]}
+
+        row = listed()[bad.study_instance_uid]
+        assert row["status"] == "received" and row["patient_id"] == bad.patient_id and row["decision"] is None
+        assert 'id="no-result"' in client.request(f"/study/{bad.study_instance_uid}")[2]
+        for path in good.files:
+            node.ingest(path.read_bytes())
+        node.start()
+        assert node.wait_until_idle(60)
+        rows = listed()
+        assert rows[bad.study_instance_uid]["status"] == "failed"
+        assert "no readable fundus image" in rows[bad.study_instance_uid]["reason"]
+        assert rows[good.study_instance_uid]["status"] == "done"
+        assert rows[good.study_instance_uid]["decision"] == reports[good.study_instance_uid]["screening"]["decision"]
+        page = client.request(f"/study/{good.study_instance_uid}")[2]
+        csrf, ai_sr = (re.search(rf'name="{n}" value="([^"]+)"', page)[1] for n in ("csrf", "ai_sr"))
+        form = {"csrf": csrf, "ai_sr": ai_sr, "decision.R": "no_refer", "decision.L": "no_refer"}
+        assert client.request(f"/study/{good.study_instance_uid}/signoff", form)[0] == 303  # both confirmed
+        deadline = time.monotonic() + 10  # delivered where the node sends results: the output folder
+        while not list((tmp_path / "out").glob("*/SO_*.dcm")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (delivered,) = (tmp_path / "out" / good.study_instance_uid).glob("SO_*.dcm")
+        assert delivered.read_bytes() == Path(node.state.signoffs()[0].path).read_bytes()
+        assert client.request(f"/study/{bad.study_instance_uid}/signoff", form)[0] == 409  # nothing to sign off
+    finally:
+        server.stop()
+        node.stop()
+
+
 def test_review_serves_https_with_secure_cookies(results: Results, tmp_path: Path) -> None:
     pytest.importorskip("cryptography", reason="certificates for the TLS test are made with cryptography")
     import ssl
