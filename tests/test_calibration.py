@@ -166,6 +166,62 @@ def test_weight_only_int4_decoder(int8, work) -> None:
     assert manifest.extra["quantization"]["accuracy_level"] == 4
 
 
+def test_int4_dq_decoder_is_standard_onnx_with_the_weights_it_dequantises(int8, work) -> None:
+    """TensorRT's weight-only INT4 form. Reference: the fp32 decoder with each MatMul weight replaced by our
+    own numpy dequantisation of the package's INT4 blocks must give the package's logits."""
+    import onnxruntime as ort
+
+    from fundusrt.export.tensorrt import check_precision
+
+    result = calibrate_package(work["fp32"], [work["studies"]], work["root"] / "dq4", thresholds=LENIENT,
+                               options=QuantOptions(decoder="int4-dq", block_size=32), settings=SETTINGS,
+                               holdout=[work["holdout"]], cache_dir=work["cache"], threads=1)
+    manifest = Manifest.load(result.package_dir)
+    check_precision(manifest, "int8")  # TensorRT may build it (MatMulNBits would be refused)
+    path = result.package_dir / manifest.components["decoder"].file
+    model = onnx.load(str(path))
+    assert {o.domain: o.version for o in model.opset_import}[""] >= 21
+    assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits[n.input[0]].data_type ==
+          onnx.TensorProto.INT4]
+    assert dq and all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": 32} for n in dq)
+
+    # Our reference dequantisation: w[k, n] = q[k, n] * scale[k // block, n], q signed 4-bit.
+    reference = onnx.load(str(path))
+    consumers = {n.output[0]: n for n in dq}
+    for node in reference.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in consumers:
+            q_name, s_name = consumers[node.input[1]].input[:2]
+            q = onnx.numpy_helper.to_array(inits[q_name]).astype(np.float32)
+            scales = onnx.numpy_helper.to_array(inits[s_name])
+            weight = q * np.repeat(scales, 32, axis=0)[: q.shape[0]]
+            name = f"{q_name}_reference"
+            reference.graph.initializer.append(onnx.numpy_helper.from_array(weight.astype(np.float32), name))
+            node.input[1] = name
+    kept = [n for n in reference.graph.node if n not in dq]
+    del reference.graph.node[:]
+    reference.graph.node.extend(kept)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
+        if value.name == "inputs_embeds":
+            dims[1] = 3
+            feeds[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+        elif value.name in ("attention_mask", "position_ids"):
+            feeds[value.name] = (np.ones((1, 3), np.int64) if value.name == "attention_mask"
+                                 else np.arange(3, dtype=np.int64)[None])
+        else:  # empty past
+            dims[2] = 0
+            feeds[value.name] = np.zeros(dims, np.float32)
+    # Basic optimisations only: at higher levels ORT fuses DQ + MatMul into MatMulNBits with int8 compute.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ours = ort.InferenceSession(model.SerializeToString(), options).run(["logits"], feeds)[0]
+    theirs = ort.InferenceSession(reference.SerializeToString(), options).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+
+
 def test_entropy_and_percentile_handle_variable_length_decoder_feeds(int8, work, tmp_path: Path) -> None:
     from fundusrt.calibration.dataset import CalibrationSet
     from fundusrt.calibration.quantize import quantize_qdq

@@ -170,14 +170,14 @@ def _quantise(source: Path, manifest: Manifest, calib: CalibrationSet, options: 
             summaries[component] = {"mode": "fp32"}
             continue
         work = Path(tempfile.mkdtemp(dir=staging, prefix=f".{component}."))
-        suffix = "int8" if mode == "qdq" else mode.replace("-weight", "w")
+        suffix = "int8" if mode == "qdq" else mode.replace("-weight", "w").replace("-dq", "dq")
         out = work / f"{component}.{suffix}.onnx"
         if mode == "qdq":
             summary = quantize_qdq(source / spec.file, out, calib.feeds[component], options,
                                    ranges_cache=cache / f"{component}-{options.ranges_tag()}-ranges.json")
         else:
             summary = quantize_weight_only(source / spec.file, out, int(mode[3]), options.block_size,
-                                           options.accuracy_level)
+                                           options.accuracy_level, dequantize_linear=mode.endswith("-dq"))
         for old in (spec.file, *spec.data_files):
             (staging / old).unlink()
         data_files = {}

@@ -23,7 +23,7 @@ import numpy as np
 from fundusrt.calibration.dataset import CalibrationError
 
 METHODS = ("minmax", "entropy", "percentile")
-DECODER_MODES = ("qdq", "int8-weight", "int4-weight", "fp32")
+DECODER_MODES = ("qdq", "int8-weight", "int4-weight", "int4-dq", "fp32")
 QDQ_OP_TYPES = ("MatMul", "Gemm", "Conv")
 # MatMulNBits accuracy levels (ORT): 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 compute.
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -36,7 +36,9 @@ class QuantOptions:
     Attributes:
         method: activation range method, one of METHODS.
         decoder: "qdq" (static INT8 like the other components), "int8-weight"/"int4-weight"
-            (weight-only MatMulNBits, ORT only) or "fp32" (left as exported).
+            (weight-only MatMulNBits, ORT only), "int4-dq" (weight-only INT4 as standard ONNX: block-quantised
+            DequantizeLinear before each MatMul, opset 21, the form TensorRT 10+ builds strongly typed) or
+            "fp32" (left as exported).
         percentile: the percentile kept by the "percentile" method.
         block_size: weights per quantisation block for the weight-only modes (power of 2, >= 16).
         accuracy_level: MatMulNBits compute type for the weight-only modes: 4 multiplies int8 activations
@@ -157,13 +159,18 @@ def quantize_qdq(model_path: Path, out_path: Path, feeds: Sequence[dict[str, np.
 
 
 def quantize_weight_only(model_path: Path, out_path: Path, bits: int, block_size: int,
-                         accuracy_level: int) -> dict[str, Any]:
-    """Write a copy of `model_path` whose constant-weight MatMuls are MatMulNBits (`bits` = 4 or 8)."""
+                         accuracy_level: int, dequantize_linear: bool = False) -> dict[str, Any]:
+    """Write a copy of `model_path` whose constant-weight MatMuls are MatMulNBits (`bits` = 4 or 8), or with
+    `dequantize_linear`, MatMuls fed by block-quantised INT4 DequantizeLinear (standard ONNX, for TensorRT)."""
     import onnx
+    from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    if dequantize_linear and bits != 4:
+        raise CalibrationError("block-quantised DequantizeLinear weights are INT4 only (as TensorRT builds them)")
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
                                           accuracy_level=accuracy_level or None,
+                                          quant_format=QuantFormat.QDQ if dequantize_linear else QuantFormat.QOperator,
                                           op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
     quantizer.process()

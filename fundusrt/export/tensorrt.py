@@ -48,10 +48,10 @@ def check_precision(manifest: Manifest, precision: str) -> None:
             raise PackageError("--int8 needs a calibrated Q/DQ package; make one with "
                                "`fundusrt calibrate PKG --images STUDIES --out PKG_INT8` and build that")
         modes = {c: s.get("mode") for c, s in manifest.extra.get("quantization", {}).get("components", {}).items()}
-        weight_only = [c for c, mode in modes.items() if mode not in ("qdq", "fp32")]
+        weight_only = [c for c, mode in modes.items() if mode not in ("qdq", "int4-dq", "fp32")]
         if weight_only:
             raise PackageError(f"components {weight_only} use ONNX Runtime's weight-only MatMulNBits, which TensorRT "
-                               "cannot build; calibrate with --decoder qdq for TensorRT")
+                               "cannot build; calibrate with --decoder qdq or int4-dq for TensorRT")
 
 
 def default_timing_cache(target: EngineTarget) -> Path:
