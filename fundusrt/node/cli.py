@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="process a study when nothing arrived for it for this long (default 10)")
     parser.add_argument("--send-to", type=Destination.parse, metavar="AET@HOST:PORT",
                         help="send results by C-STORE to this AE")
+    parser.add_argument("--stow", metavar="URL", help="post results to this DICOMweb service root with STOW-RS")
     parser.add_argument("--out", type=Path, help="also write results into OUT/<StudyInstanceUID>/")
     parser.add_argument("--watch", type=Path, help="also ingest DICOM files appearing in this folder")
     parser.add_argument("--pdf", action="store_true", help="add an Encapsulated PDF report to the results")
@@ -59,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         spool=args.spool, host=args.host, port=None if args.no_scp else args.port, ae_title=args.ae_title,
         allowed_calling_aets=tuple(args.allow_calling_ae), max_associations=args.max_associations,
         max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024), quiet_seconds=args.quiet_seconds,
-        destination=args.send_to, output_dir=args.out, watch_dir=args.watch, write_pdf=args.pdf,
+        destination=args.send_to, stow_url=args.stow, output_dir=args.out, watch_dir=args.watch, write_pdf=args.pdf,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, send_tls_ca=args.send_tls_ca,
         send_tls_cert=args.send_tls_cert, send_tls_key=args.send_tls_key,
     )

@@ -82,6 +82,7 @@ class NodeConfig:
         max_dataset_bytes: larger instances are refused (status A700) and not stored.
         quiet_seconds: a study is processed when no instance of it arrived for this long.
         destination: send results there by C-STORE.
+        stow_url: post results to this DICOMweb service root with STOW-RS.
         output_dir: also (or instead) copy results into <output_dir>/<StudyInstanceUID>/.
         watch_dir: also ingest DICOM files that appear in this folder (never modified or deleted).
         write_pdf: add an Encapsulated PDF report to the results.
@@ -102,6 +103,7 @@ class NodeConfig:
     max_dataset_bytes: int = 512 * 1024 * 1024
     quiet_seconds: float = 10.0
     destination: Destination | None = None
+    stow_url: str | None = None
     output_dir: Path | None = None
     watch_dir: Path | None = None
     write_pdf: bool = False
@@ -147,5 +149,8 @@ class NodeConfig:
                     raise NodeConfigError(f"{name} {value} is not a file (PEM certificate or key expected)")
         if self.port is None and self.watch_dir is None:
             raise NodeConfigError("nothing to receive from: give a port for the SCP or a folder to watch")
-        if self.destination is None and self.output_dir is None:
-            raise NodeConfigError("results would go nowhere: give a destination AE, an output folder, or both")
+        if self.stow_url is not None and not self.stow_url.startswith(("http://", "https://")):
+            raise NodeConfigError(f"stow_url {self.stow_url!r} must be an http:// or https:// DICOMweb service root")
+        if self.destination is None and self.output_dir is None and self.stow_url is None:
+            raise NodeConfigError("results would go nowhere: give a destination AE, a DICOMweb URL (STOW-RS), "
+                                  "an output folder, or several")

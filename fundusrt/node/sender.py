@@ -80,3 +80,22 @@ def send_files(paths: Sequence[Path], destination: Destination, calling_ae: str,
         assoc.release()
     log.info("sent %d instance(s) to %s@%s:%d", stored, destination.ae_title, destination.host, destination.port)
     return stored
+
+
+def stow_files(paths: Sequence[Path], url: str, timeout: float = 30.0) -> int:
+    """Post DICOM files to a DICOMweb service with STOW-RS; returns how many were stored.
+
+    Raises:
+        SendError: the service could not be reached or refused objects; the message names each refused
+            object and the reason the service gave.
+    """
+    from fundusrt.dicom.dicomweb import DicomWebError, stow
+
+    if not paths:
+        return 0
+    try:
+        stored = len(stow(url, paths, timeout))
+    except DicomWebError as exc:
+        raise SendError(str(exc)) from exc
+    log.info("stored %d instance(s) at %s (STOW-RS)", stored, url)
+    return stored

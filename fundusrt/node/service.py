@@ -15,7 +15,7 @@ from fundusrt.node.audit import AuditLog
 from fundusrt.node.config import NodeConfig
 from fundusrt.node.results import write_results
 from fundusrt.node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, start_scp
-from fundusrt.node.sender import SendError, client_tls_context, send_files
+from fundusrt.node.sender import SendError, client_tls_context, send_files, stow_files
 from fundusrt.node.spool import Spool, SpoolError, durable_write
 from fundusrt.node.state import DONE, FAILED, SENDING, StateStore
 from fundusrt.node.watch import FolderWatcher
@@ -176,7 +176,7 @@ class Node:
 
     def deliver_files(self, study_uid: str, paths: list[Path], dicom_paths: list[Path]) -> None:
         """Deliver files of a study wherever the node sends results: `paths` into the output folder, `dicom_paths`
-        to the destination AE (also used for the review page's sign-offs).
+        to the destination AE and the DICOMweb service (also used for the review page's sign-offs).
 
         Raises:
             SendError, OSError: a destination refused or could not be reached; nothing is retried here.
@@ -191,6 +191,9 @@ class Node:
             sent = send_files(dicom_paths, self.config.destination, self.config.ae_title, tls=self._send_tls)
             dest = self.config.destination
             self.audit.write("sent", study_uid, to=f"{dest.ae_title}@{dest.host}:{dest.port}", instances=sent)
+        if self.config.stow_url is not None:
+            stored = stow_files(dicom_paths, self.config.stow_url)
+            self.audit.write("sent", study_uid, to=self.config.stow_url, instances=stored)
 
     def _deliver(self, study_uid: str) -> None:
         outputs = self.state.outputs(study_uid)

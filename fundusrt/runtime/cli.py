@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-out", type=Path, metavar="DIR",
                         help="also write DICOM results into DIR: a Comprehensive SR, a Secondary Capture with the "
                              "lesion boxes per image that has any, and the JSON report (needs fundusrt[node])")
-    parser.add_argument("--pdf", action="store_true", help="with --dicom-out: add an Encapsulated PDF report")
+    parser.add_argument("--stow", metavar="URL",
+                        help="post the DICOM results (SR, SC, PDF) to this DICOMweb service root with STOW-RS "
+                             "(kept in --dicom-out DIR when given too)")
+    parser.add_argument("--pdf", action="store_true", help="with --dicom-out or --stow: add an Encapsulated PDF report")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (128)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads per session")
     parser.add_argument("--backend", default="ort-cpu", choices=sorted(BACKENDS), help="inference backend (ort-cpu)")
@@ -41,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from fundusrt.runtime.backends.base import BackendError
     from fundusrt.runtime.pipeline import load_package
 
-    if args.pdf and args.dicom_out is None:
+    if args.pdf and args.dicom_out is None and args.stow is None:
         print("fundusrt run: error: --pdf is part of the DICOM results: add --dicom-out DIR", file=sys.stderr)
         return 2
     source = args.study[0] if len(args.study) == 1 else args.study
@@ -55,17 +59,42 @@ def main(args: argparse.Namespace) -> int:
         print(f"fundusrt run: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     sys.stdout.write(report.render_text())
-    if args.dicom_out is not None:
-        # After the text report, so that a failure here still leaves the findings on screen.
+    if args.dicom_out is None and args.stow is None:
+        return 0
+    # After the text report, so that a failure here still leaves the findings on screen.
+    with tempfile.TemporaryDirectory(prefix="fundusrt-results-") as scratch:
         try:
-            written = _write_dicom(report, args.dicom_out, args.pdf)
+            written = _write_dicom(report, args.dicom_out or Path(scratch), args.pdf)
         except (MissingDependencyError, ValueError, OSError) as exc:
             print(f"fundusrt run: error: cannot write DICOM results: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
-        for result in written.files:
+        for result in written.files if args.dicom_out is not None else []:
             print(f"wrote {result.path}")
         for warning in written.warnings:
             print(f"fundusrt run: warning: {warning}", file=sys.stderr)
+        if args.stow is not None:
+            return _stow(args.stow, [r.path for r in written.files if r.sop_instance_uid is not None])
+    return 0
+
+
+def _stow(url: str, paths: list[Path]) -> int:
+    """Post the result objects with STOW-RS; one line per object refused, with the service's reason."""
+    from fundusrt._deps import MissingDependencyError
+    from fundusrt.dicom.dicomweb import DicomWebError, StowError, stow
+
+    try:
+        outcomes = stow(url, paths)
+    except StowError as exc:
+        for outcome in exc.outcomes:
+            if not outcome.stored:
+                print(f"fundusrt run: error: STOW-RS did not store {outcome.path.name}: {outcome.reason}",
+                      file=sys.stderr)
+        print(f"stowed {sum(o.stored for o in exc.outcomes)} of {len(exc.outcomes)} object(s) to {url}")
+        return 1
+    except (DicomWebError, MissingDependencyError) as exc:
+        print(f"fundusrt run: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(f"stowed {len(outcomes)} object(s) to {url}")
     return 0
 
 
