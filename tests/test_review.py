@@ -373,11 +373,17 @@ def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_
             time.sleep(0.05)
         assert source.state.signoffs(undelivered=True) == []
         assert client.request(f"/image/{study}/1.2.3/0")[0] == 404
+        stolen = list(client.jar)  # a copy of the session cookie is worthless once its session signed out
+        assert client.request("/logout", {"csrf": csrf})[0] == 303
+        replay = Client(server.url)
+        for cookie in stolen:
+            replay.jar.set_cookie(cookie)
+        assert replay.request("/api/studies")[0] == 401
     finally:
         server.stop()
         source.close()
     audit = [json.loads(line) for line in (folder / "review-audit.log").read_text().splitlines()]
-    assert [r["event"] for r in audit] == ["login_failed", "login", "signed_off"]
+    assert [r["event"] for r in audit] == ["login_failed", "login", "signed_off", "logout"]
     assert audit[2]["study_instance_uid"] == study and audit[2]["grader"] == "jdoe"
     text = (folder / "review-audit.log").read_text()
     for s in results.studies:

@@ -3,7 +3,8 @@
 Every page and API call but the login page needs a signed-in session; every POST needs the session's
 CSRF token (form field ``csrf``). Sessions are signed cookies (itsdangerous, via Starlette's
 SessionMiddleware) with HttpOnly, SameSite=Strict, and Secure under TLS, keyed by a secret made at
-start-up (a restart signs everyone out). Pages carry a strict Content-Security-Policy: scripts and
+start-up (a restart signs everyone out); the node keeps the ids of signed-in sessions, so signing out ends
+a session even for a copy of its cookie. Pages carry a strict Content-Security-Policy: scripts and
 styles come from /static only, and patient data reaches the DOM as text, never as markup.
 """
 
@@ -85,6 +86,8 @@ class ReviewApp:
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.images = ImageCache()
         self.delivery = DeliveryWorker(source)
+        # ids of signed-in sessions: signing out ends a session here too, so a copied cookie is worthless after it
+        self._sessions: set[str] = set()
         routes = [
             Route("/login", self.login_page, methods=["GET"]),
             Route("/login", self.login, methods=["POST"]),
@@ -118,10 +121,9 @@ class ReviewApp:
             request.session["csrf"] = secrets.token_urlsafe(24)
         return request.session["csrf"]
 
-    @staticmethod
-    def _user(request: Any) -> dict[str, str] | None:
+    def _user(self, request: Any) -> dict[str, str] | None:
         user = request.session.get("user")
-        return user if isinstance(user, dict) else None
+        return user if isinstance(user, dict) and request.session.get("sid") in self._sessions else None
 
     async def _checked_form(self, request: Any) -> Any:
         """The POSTed form, or None when its CSRF token is missing or wrong."""
@@ -153,6 +155,7 @@ class ReviewApp:
         return self._page(request, "login.html", token=self.auth.uses_token)
 
     async def login(self, request: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
         from starlette.responses import RedirectResponse
 
         form = await self._checked_form(request)
@@ -160,14 +163,16 @@ class ReviewApp:
             return self._refused(request, 403, "the sign-in form is out of date (no valid CSRF token): "
                                                "open the sign-in page again")
         login, secret = str(form.get("login", "")).strip()[:64], str(form.get("secret", ""))
-        name = self.auth.check(login, secret)
+        name = await run_in_threadpool(self.auth.check, login, secret)  # scrypt takes tens of milliseconds
         client = request.client.host if request.client else ""
         if name is None:
             self.source.audit.write("login_failed", "", login=login, client=client)
             return self._page(request, "login.html", status_code=401, token=self.auth.uses_token,
                               error="Wrong name/login or token/password.")
         request.session.clear()  # a fresh session (and CSRF token) for the signed-in user
-        request.session.update(user={"login": login, "name": name}, csrf=secrets.token_urlsafe(24))
+        sid = secrets.token_urlsafe(24)
+        self._sessions.add(sid)
+        request.session.update(user={"login": login, "name": name}, csrf=secrets.token_urlsafe(24), sid=sid)
         self.source.audit.write("login", "", login=login, client=client)
         return RedirectResponse("/", status_code=303)
 
@@ -179,6 +184,7 @@ class ReviewApp:
         user = self._user(request)
         if user is not None:
             self.source.audit.write("logout", "", login=user["login"])
+            self._sessions.discard(request.session["sid"])
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
