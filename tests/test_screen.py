@@ -48,7 +48,7 @@ def write_archive(root: Path, studies: int, bases: int = BASES) -> dict[str, lis
     origin = {}
     for number in range(studies):
         base = drawn[number % bases]
-        study_uid = generate_uid(entropy_srcs=[root.name, str(number), "study"])
+        study_uid = generate_uid(entropy_srcs=[str(root), str(number), "study"])
         series = {}
         folder = root / f"study-{number:02d}"
         folder.mkdir(parents=True)
