@@ -319,7 +319,8 @@ def test_signoff_sr_refuses_an_override_without_reason_and_unknown_values(result
 # ---------------------------------------------------------------- HTTP: refusals, the user list, TLS
 
 def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_path: Path) -> None:
-    from fundusrt.node.review.cli import build_review
+    from fundusrt.node.review.app import ReviewApp
+    from fundusrt.node.review.auth import Authenticator
     from fundusrt.node.review.server import ReviewServer
     from fundusrt.node.review.sources import FolderSource
 
@@ -330,7 +331,7 @@ def test_requests_without_login_or_csrf_token_are_refused(results: Results, tmp_
     users = tmp_path / "users"
     users.write_text(f"jdoe:{hash_password('s3cret pass')}:Doe^Jane\n")
     source = FolderSource(folder)
-    server = ReviewServer(build_review(source, users, "Test Eye Clinic", False), port=0)
+    server = ReviewServer(ReviewApp(source, Authenticator(load_users(users)), "Test Eye Clinic"), port=0)
     server.start()
     try:
         assert server.url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
@@ -480,6 +481,11 @@ def test_review_reports_bad_settings(tmp_path: Path) -> None:
     proc = review(str(tmp_path), "--port", "0", "--users", str(tmp_path / "users"))
     assert proc.returncode == 2 and "line 1: expected login:scrypt" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # `serve --ui` says so before it loads the package (which does not even exist here)
+    proc = subprocess.run([sys.executable, "-m", "fundusrt.cli", "serve", "--package", str(tmp_path / "nowhere"),
+                           "--spool", str(tmp_path / "spool"), "--out", str(tmp_path / "out"), "--ui",
+                           "--ui-users", str(tmp_path / "users")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "line 1: expected login:scrypt" in proc.stderr, proc.stderr
     # the hash field of a user list line, from a password typed twice (read from stdin without a terminal)
     proc = subprocess.run([sys.executable, "-m", "fundusrt.cli", "review", "--hash-password"], input="pw 1\npw 1\n",
                           capture_output=True, text=True, timeout=60)

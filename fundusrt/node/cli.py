@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fundusrt.node.config import Destination, NodeConfig, NodeConfigError
-from fundusrt.node.review.cli import add_ui_options
+from fundusrt.node.review.cli import add_ui_options, authenticator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
     try:
         config = config_from_args(args)
+        auth = authenticator(args.ui_users) if args.ui else None  # a bad user list is said before the slow load
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         pipeline = load_package(args.package, backend=args.backend, threads=args.threads)
     except (NodeConfigError, PackageError, BackendError, MissingDependencyError, ValueError) as exc:
@@ -96,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         node = Node(config, lambda study_dir: pipeline.run_study(study_dir, gen=gen))
         node.start()
-        ui = start_ui(args, node) if args.ui else None
+        ui = start_ui(args, node, auth) if args.ui else None
     except (NodeConfigError, OSError, sqlite3.Error, MissingDependencyError) as exc:  # bad certificate, port in use
         if node is not None:
             node.stop()
@@ -120,22 +121,18 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_ui(args: argparse.Namespace, node: object) -> object:
+def start_ui(args: argparse.Namespace, node: object, auth: object) -> object:
     """Start the review page over the running node (TLS and client certificates as the node's DICOM port).
 
     Raises:
-        OSError: the port is in use; NodeConfigError: the user list or TLS files are unusable.
+        OSError: the port is in use; NodeConfigError: the TLS files are unusable.
     """
-    from fundusrt.node.review.auth import UsersFileError
-    from fundusrt.node.review.cli import build_review
+    from fundusrt.node.review.app import ReviewApp
     from fundusrt.node.review.server import ReviewServer
     from fundusrt.node.review.sources import NodeSource
 
     config = node.config  # type: ignore[attr-defined]
-    try:
-        review = build_review(NodeSource(node), args.ui_users, args.ui_organization, config.tls_cert is not None)
-    except UsersFileError as exc:
-        raise NodeConfigError(str(exc)) from exc
+    review = ReviewApp(NodeSource(node), auth, args.ui_organization, secure_cookies=config.tls_cert is not None)
     server = ReviewServer(review, args.ui_host, args.ui_port, config.tls_cert, config.tls_key, config.tls_ca)
     server.start()
     return server

@@ -40,13 +40,11 @@ def add_ui_options(parser: argparse.ArgumentParser, prefix: str = "ui-") -> None
                         help="the clinic, named as verifying organisation in sign-off SRs")
 
 
-def build_review(source: object, users: Path | None, organization: str, secure_cookies: bool) -> object:
-    """The ReviewApp for `source` with the sign-in the options ask for (raises UsersFileError)."""
-    from fundusrt.node.review.app import ReviewApp
+def authenticator(users: Path | None) -> object:
+    """Sign-in by the user list `users`, or by a start-up token without one (raises UsersFileError)."""
     from fundusrt.node.review.auth import Authenticator, load_users
 
-    return ReviewApp(source, Authenticator(load_users(users) if users is not None else None), organization,
-                     secure_cookies=secure_cookies)
+    return Authenticator(load_users(users) if users is not None else None)
 
 
 def sign_in_line(review: object, url: str) -> str:
@@ -59,6 +57,7 @@ def sign_in_line(review: object, url: str) -> str:
 def main(args: argparse.Namespace) -> int:
     """Serve the page until SIGINT/SIGTERM (0); 2 on bad settings or a failed start."""
     from fundusrt._deps import MissingDependencyError
+    from fundusrt.node.review.app import ReviewApp
     from fundusrt.node.review.auth import UsersFileError, hash_password
     from fundusrt.node.review.server import ReviewServer
     from fundusrt.node.review.sources import FolderSource
@@ -82,8 +81,9 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
     source = server = None
     try:
+        auth = authenticator(args.users)
         source = FolderSource(args.dir, args.send_to, args.ae_title)
-        review = build_review(source, args.users, args.organization, args.tls_cert is not None)
+        review = ReviewApp(source, auth, args.organization, secure_cookies=args.tls_cert is not None)
         server = ReviewServer(review, args.host, args.port, args.tls_cert, args.tls_key)
         server.start()
     except (OSError, UsersFileError, NodeConfigError, MissingDependencyError) as exc:
