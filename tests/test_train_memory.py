@@ -37,9 +37,9 @@ def work(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train-memory")
     config = dataclasses.replace(tiny_config("siglip-dense", build_tokenizer().get_vocab_size()),
                                  tiling=TilingConfig(policy="single", tile_size=56, mean=SIGLIP_MEAN, std=SIGLIP_STD))
-    model = build_tiny_model(config=config, seed=3)
-    fp32 = native.save(model, root / "fp32")
-    bf16 = native.save(model.to(torch.bfloat16), root / "bf16")
+    model = build_tiny_model(config=config, seed=3).to(torch.bfloat16)
+    bf16 = native.save(model, root / "bf16")
+    fp32 = native.save(model.float(), root / "fp32")  # the same (bf16-exact) values, widened
     data = write_instructions(root / "data", count=2, seed_start=5, types=("laterality",), sizes=((256, 256),))
     return {"root": root, "fp32": fp32, "bf16": bf16, "data": data}
 
@@ -61,7 +61,12 @@ def test_a_bf16_checkpoint_is_trained_over_a_bf16_base(work) -> None:
     trained = sum(p.numel() * 4 for p in trainers["bf16"].model.parameters() if p.requires_grad)
     assert held == {"bfloat16": frozen["bf16"], "float32": trained}, held  # LoRA layers (only) in fp32
     assert all("lora_" in n for n, p in trainers["bf16"].model.named_parameters() if p.dtype == torch.float32)
-    # on the CPU it computes in fp32: the same loss as the fp32 base holding the same (bf16-exact) values
+    # on the CPU it computes in fp32: the same loss and gradients as the fp32 base holding the same values
+    with torch.no_grad():  # (peft drew the bf16 run's LoRA A in bf16: give both runs the same adapter)
+        trained = dict(trainers["bf16"].model.named_parameters())
+        for name, param in trainers["fp32"].model.named_parameters():
+            if param.requires_grad:
+                param.copy_(trained[name])
     samples = trainers["fp32"].prepare([str(work["data"])], work["root"] / "bad.jsonl")
     losses = {name: t.micro_step(samples, np.arange(2), scale=1.0) for name, t in trainers.items()}
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-5), losses
@@ -75,7 +80,7 @@ def test_a_bf16_checkpoint_is_trained_over_a_bf16_base(work) -> None:
 
 def test_the_real_internvl_layout_in_bf16_stays_bf16(tmp_path) -> None:
     base = write_internvl_chat(tmp_path / "ivl", internlm2=True)  # FundusExpert-8B layout, bf16 shards
-    data = write_instructions(tmp_path / "data", count=1, seed_start=5, types=("laterality",), sizes=((128, 128),))
+    data = write_instructions(tmp_path / "data", count=1, seed_start=5, types=("laterality",), sizes=((256, 256),))
     config = TrainConfig.from_dict({"output_dir": str(tmp_path / "out"), "base": str(base), "method": "lora",
                                     "lora": {**LORA, "target_modules": ["q_proj", "v_proj"]},
                                     "data": {"train": [str(data)], "max_seq_len": 2048}, "batch_size": 1,
@@ -87,18 +92,25 @@ def test_the_real_internvl_layout_in_bf16_stays_bf16(tmp_path) -> None:
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(work) -> None:
-    grads = {}
+    grads, kept = {}, {}
     for checkpointing in (False, True):
         # full fine-tuning: gradients flow through the vision tower and the decoder, both checkpointed
         trainer = Trainer(_config(work, work["fp32"], f"ckpt-{checkpointing}", method="full",
                                   grad_checkpointing=checkpointing), log=lambda line: None)
         samples = trainer.prepare([str(work["data"])], work["root"] / "bad.jsonl")
-        trainer.micro_step(samples, np.arange(2), scale=1.0)
+        saved: list[int] = []  # bytes autograd keeps for backward (a checkpointed layer keeps its input only)
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        trainer.model.train()  # as in Trainer.run: transformers checkpoints in training mode only
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            trainer.micro_step(samples, np.arange(2), scale=1.0)
         grads[checkpointing] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
                                 if p.grad is not None}
-        if checkpointing:
-            assert trainer.model.language_model.is_gradient_checkpointing
-            assert trainer.model.vision.is_gradient_checkpointing
+        kept[checkpointing] = sum(saved)
+    assert kept[True] < 0.5 * kept[False], kept
     assert grads[True].keys() == grads[False].keys()
     assert any(name.startswith("vision.") for name in grads[True])
     for name, grad in grads[False].items():
@@ -126,7 +138,7 @@ def test_the_plan_is_printed_from_the_config_alone(work, tmp_path, capsys) -> No
     assert train_cli.main(args) == 0
     out = capsys.readouterr().out
     assert "1x24GiB single device: 4 sample(s)" in out and "4x1GiB fsdp: 1 sample(s)" in out
-    assert out.count("fits") == 2 and "does NOT fit" in out  # the 1 GiB GPUs cannot hold the CUDA context
+    assert out.count(": fits") == 1 and out.count("does NOT fit") == 1  # 1 GiB GPUs cannot hold a CUDA context
     args = train_cli_args(path, plan=True, devices="24 GB")
     assert train_cli.main(args) == 1
 
@@ -145,14 +157,15 @@ def train_cli_args(config: Path, **overrides) -> object:
 MEASURE = r"""
 import json, sys
 from pathlib import Path
+import peft, torch.distributed.checkpoint.state_dict  # imported before the baseline: not model memory
+import transformers.models.qwen2.modeling_qwen2, transformers.models.siglip.modeling_siglip
 from fundusrt.bench.machine import peak_rss_mib
 from fundusrt.training.config import TrainConfig
 from fundusrt.training.trainer import Trainer
 
 def rss_mib():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    return next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmRSS:"))
 
 class Measured(Trainer):
     def _finish(self, steps, loss):
@@ -161,9 +174,8 @@ class Measured(Trainer):
 config = TrainConfig.load(sys.argv[1])
 before = rss_mib()
 trainer = Measured(config, log=lambda line: None)
-loaded = rss_mib()
 trainer.run()
-print(json.dumps({"params_mib": loaded - before, "step_mib": trainer.peak - before}))
+print(json.dumps({"peak_mib": trainer.peak - before}))
 """
 
 
@@ -177,8 +189,8 @@ def test_the_planner_matches_the_measured_peak_memory(work, tmp_path) -> None:
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, config=text))
     base = native.save(build_tiny_model(config=config, seed=1), tmp_path / "small")
     # text-only samples of one length, so the planner's worst case is the run's case
-    record = {"conversations": [{"from": "human", "value": "Describe the fundus. " * 200},
-                                {"from": "gpt", "value": "No diabetic retinopathy. " * 60}]}
+    record = {"conversations": [{"from": "human", "value": "Describe the fundus. " * 100},
+                                {"from": "gpt", "value": "No diabetic retinopathy. " * 30}]}
     data = tmp_path / "long.json"
     data.write_text(json.dumps([record] * 2))
     config = TrainConfig.from_dict({"output_dir": str(tmp_path / "out"), "base": str(base), "method": "full",
@@ -197,8 +209,6 @@ def test_the_planner_matches_the_measured_peak_memory(work, tmp_path) -> None:
     samples, _ = prepare_samples([data], model.prompt, model.tokenizer, model.config.tiling, max_seq_len=4096,
                                  cache_dir=tmp_path / "cache")
     predicted = plan(config, Devices.parse("cpu:24GB"), seq_len=len(samples[0].input_ids), tiles=0)
-    params_mib = predicted.weights / 2**20 + predicted.adapters / 2**20
-    step_mib = predicted.total / 2**20
-    assert measured["params_mib"] == pytest.approx(params_mib, rel=0.2), (measured, params_mib)
-    assert measured["step_mib"] == pytest.approx(step_mib, rel=0.2), (measured, step_mib, predicted.table())
+    # the weights are memory-mapped from the checkpoint, so they count from the step that first reads them on
+    assert measured["peak_mib"] == pytest.approx(predicted.total / 2**20, rel=0.2), (measured, predicted.table())
     assert predicted.activations > 0.25 * predicted.total  # activations are a real part of what is compared

@@ -4,8 +4,9 @@ Parameter figures come from the model built with every tensor fake (torch's Fake
 dtypes, no storage) from the checkpoint's config.json, with the config's LoRA / trainable parts applied.
 Activations are what autograd saves for the backward pass, counted by a saved-tensor hook while that fake
 model runs one worst-case micro-batch (the config's max_seq_len, as many tiles as fit), so they follow the
-real modules rather than a formula. With gradient checkpointing each checkpointed layer keeps only its
-input, plus one layer's saved tensors while it is recomputed.
+real modules rather than a formula, plus the two logits-sized fp32 gradients the backward pass starts
+with. With gradient checkpointing each checkpointed layer keeps only its input, plus one layer's saved
+tensors while it is recomputed.
 """
 
 from __future__ import annotations
@@ -208,7 +209,9 @@ def measure_activations(model: nn.Module, batch: int, seq_len: int, tiles: int,
     finally:
         for hook in hooks:
             hook.remove()
-    total = saved.bytes
+    # the backward pass starts with two fp32 logits-sized gradients (of log-softmax and of the logits) on top
+    loss_gradients = 2 * batch * seq_len * logits.shape[-1] * 4
+    total = saved.bytes + loss_gradients
     checkpointed = total - sum(per_layer) + sum(inputs) + max(per_layer, default=0)
     return total, checkpointed
 

@@ -150,6 +150,15 @@ def _device_and_precision(config: TrainConfig) -> tuple[torch.device, torch.dtyp
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _checkpoint_layers(model: nn.Module) -> None:
+    """transformers' activation checkpointing of every layer of `model` (non-reentrant torch.utils.checkpoint)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _fingerprint(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
 
@@ -183,9 +192,8 @@ class Trainer:
         if self.autocast_dtype is None:
             upcast_frozen(self.model)  # fp32 compute over a 16-bit base
         if config.grad_checkpointing:
-            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            self.model.language_model.gradient_checkpointing_enable(**kwargs)
-            self.model.vision.gradient_checkpointing_enable(**kwargs)
+            for part in (self.model.language_model, self.model.vision):
+                _checkpoint_layers(part)
         self.model.to(self.device)
         blocks = [*self.model.language_model.model.layers, *vision_blocks(self.model)]
         self.loss_module = distributed.wrap(
