@@ -143,14 +143,14 @@ def test_screen_from_dicomweb_posts_the_results_back(tiny_package, tmp_path: Pat
 def _screen_from_dicomweb(orthanc: Orthanc, package: Path, tmp_path: Path, open_source: Any, screen: Any) -> None:
 
     pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is in the scale extra")
-    origin = write_archive(tmp_path / "archive", 12, bases=3)
+    origin = write_archive(tmp_path / "archive", 6, bases=2)
     client = connect(orthanc.dicomweb)
     store_files(client, sorted((tmp_path / "archive").rglob("*.dcm")))  # the PACS holds the archive
 
     out = tmp_path / "out"
     summary = screen(open_source(orthanc.dicomweb, tmp_path / "index.sqlite", page_size=5),
                      settings(package, out, stow_url=orthanc.dicomweb))
-    assert summary["done"] == 12 and summary["failed"] == 0
+    assert summary["done"] == 6 and summary["failed"] == 0
     table = pq.read_table(out / "results.parquet")
     assert_same_findings(table_eyes(table), reference_eyes(package, origin))
     for row in table.to_pylist():

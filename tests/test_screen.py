@@ -34,6 +34,7 @@ from fundusrt.scale.table import ResultsTable  # noqa: E402
 
 MAX_NEW_TOKENS = 6
 BASES = 6  # studies drawn; the rest of the archive are copies of these
+RAY_STUDIES = 60  # the issue's figure; about a minute on 2 CPUs
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def screener_actor_pids() -> list[int]:
 @pytest.mark.slow
 def test_ray_screens_60_studies_exactly_once_with_an_actor_killed(package: Path, ray_cluster: Any,
                                                                    tmp_path: Path) -> None:
-    origin = write_archive(tmp_path / "archive", 60)
+    origin = write_archive(tmp_path / "archive", RAY_STUDIES)
     out = tmp_path / "out"
     killed: dict[str, Any] = {}
 
@@ -149,14 +150,14 @@ def test_ray_screens_60_studies_exactly_once_with_an_actor_killed(package: Path,
     summary = screen(open_source(str(tmp_path / "archive"), tmp_path / "index.sqlite"), settings(package, out),
                      batch_size=2, ray=RayOptions(workers=2))
     killer.join(timeout=5)
-    assert "pid" in killed and killed["studies_done"] < 60, f"no actor was killed mid-run: {killed}"
+    assert "pid" in killed and killed["studies_done"] < RAY_STUDIES, f"no actor was killed mid-run: {killed}"
 
     table = pq.read_table(out / "results.parquet")
     counts = one_row_per_eye(table)
     assert set(counts.values()) == {1}, [k for k, n in counts.items() if n > 1]  # no study twice
     assert set(table.column("study_key").to_pylist()) == set(origin)  # none lost
     assert set(table.column("status").to_pylist()) == {"done"}
-    assert summary["done"] == 60 and summary["failed"] == 0 and summary["this_run"]["engine"] == "ray"
+    assert summary["done"] == RAY_STUDIES and summary["failed"] == 0 and summary["this_run"]["engine"] == "ray"
     workers = set(table.column("worker").to_pylist())
     assert f":{killed['pid']}" not in "".join(workers) or len(workers) >= 3  # a restarted actor took over
     # every study's results folder holds one SR and its JSON report; nothing half-written is left
@@ -165,35 +166,6 @@ def test_ray_screens_60_studies_exactly_once_with_an_actor_killed(package: Path,
     for folder in folders:
         assert len(list(folder.glob("SR_*.dcm"))) == 1 and len(list(folder.glob("report_*.json"))) == 1, folder
     assert_same_findings(table_eyes(table), reference_eyes(package, origin))
-
-
-@pytest.mark.slow
-def test_screen_results_equal_fundusrt_run(package: Path, tmp_path: Path) -> None:
-    origin = write_archive(tmp_path / "archive", 2, bases=1)
-    out = tmp_path / "out"
-    screen(open_source(str(tmp_path / "archive"), tmp_path / "index.sqlite"), settings(package, out, write_pdf=True))
-    study_uid = sorted(origin)[0]
-    study_dir = next(d for d in (tmp_path / "archive").iterdir()
-                     if pydicom.dcmread(next(d.iterdir()), stop_before_pixels=True).StudyInstanceUID == study_uid)
-    run_out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "fundusrt.cli", "run", str(study_dir), "--package", str(package),
-                           "--max-new-tokens", str(MAX_NEW_TOKENS), "--threads", "1", "--dicom-out", str(run_out),
-                           "--pdf"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    ran = json.loads(next(run_out.glob("report_*.json")).read_text())
-    screened = json.loads(next((out / "studies" / study_uid).glob("report_*.json")).read_text())
-
-    def findings(report: dict) -> Any:
-        return ({eye: {k: v for k, v in e.items()} for eye, e in report["eyes"].items()},
-                report["screening"], [{k: v for k, v in im.items() if k not in ("timings", "answers")}
-                                      for im in report["images"]],
-                [[a["answer"] for a in im["answers"]] for im in report["images"]])
-
-    assert findings(screened) == findings(ran)
-    kinds = Counter(p.name.split("_")[0] for p in run_out.iterdir())
-    assert Counter(p.name.split("_")[0] for p in (out / "studies" / study_uid).iterdir()
-                   if p.name != "screen.json") == kinds
-    assert kinds["SR"] == 1 and kinds["PDF"] == 1
 
 
 # ---------------------------------------------------------------- in this process
@@ -205,7 +177,7 @@ def fundusrt_screen(*args: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_resume_after_an_interrupted_run_screens_only_what_is_missing(package: Path, tmp_path: Path) -> None:
-    origin = write_archive(tmp_path / "archive", 16, bases=4)
+    origin = write_archive(tmp_path / "archive", 8, bases=2)
     folders = sorted((tmp_path / "archive").iterdir())
     (tmp_path / "list.csv").write_text("path\n" + "".join(f"archive/{f.name}\n" for f in folders))
     out = tmp_path / "out"
@@ -213,24 +185,23 @@ def test_resume_after_an_interrupted_run_screens_only_what_is_missing(package: P
               "--threads", "1", "--batch-size", "2"]
     first = fundusrt_screen(str(tmp_path / "list.csv"), *common)
     deadline = time.monotonic() + 120
-    while len(list((out / "results.parts").glob("*.parquet"))) < 2 if (out / "results.parts").is_dir() else True:
+    while len(list((out / "results.parts").glob("*.parquet"))) < 1 if (out / "results.parts").is_dir() else True:
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)  # no chance to tidy up: the parts are all that is left
     first.wait()
     done_before = ResultsTable(out).completed()
-    assert 4 <= len(done_before) < 16
+    assert 2 <= len(done_before) < 8
 
-    again = fundusrt_screen(str(tmp_path / "list.csv"), *common)
-    _, err = again.communicate(timeout=60)
-    assert again.returncode == 2 and "--resume" in err  # a second run never overwrites the first silently
+    with pytest.raises(FileExistsError, match="--resume"):  # a second run never overwrites the first silently
+        screen([], settings(package, out))
 
     resumed = fundusrt_screen(str(tmp_path / "list.csv"), *common, "--resume")
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["this_run"]["skipped_as_done"] == len(done_before)
-    assert summary["this_run"]["studies"] == 16 - len(done_before)
+    assert summary["this_run"]["studies"] == 8 - len(done_before)
     assert "studies/hour" in stdout and "ETA" in stderr
     table = pq.read_table(out / "results.parquet")
     assert set(one_row_per_eye(table).values()) == {1}
@@ -265,7 +236,7 @@ def test_broken_files_non_fundus_series_and_an_empty_study_are_reported(package:
     (archive / "empty-study").mkdir()
 
     out = tmp_path / "out"
-    summary = screen(open_source(str(archive), tmp_path / "index.sqlite"), settings(package, out))
+    summary = screen(open_source(str(archive), tmp_path / "index.sqlite"), settings(package, out, write_pdf=True))
     table = pq.read_table(out / "results.parquet")
     rows = {row["study_key"]: row for row in table.to_pylist()}
     assert set(one_row_per_eye(table).values()) == {1}
@@ -279,3 +250,26 @@ def test_broken_files_non_fundus_series_and_an_empty_study_are_reported(package:
     assert {r["eye"] for r in good_rows} == {"R", "L"} and {r["status"] for r in good_rows} == {"done"}
     assert any("ct.dcm" in f and "rejected" in f for f in good_rows[0]["files_not_used"])
     assert other_uid in rows and rows[other_uid]["status"] == "done"
+
+    # The good study's results are what `fundusrt run --dicom-out` writes for it (the CT file left out alike).
+    run_out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fundusrt.cli", "run", str(good), "--package", str(package),
+                           "--max-new-tokens", str(MAX_NEW_TOKENS), "--threads", "1", "--dicom-out", str(run_out),
+                           "--pdf"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    screened_dir = Path(good_rows[0]["results_dir"])
+    assert screened_dir == out / "studies" / good_uid
+    ran = json.loads(next(run_out.glob("report_*.json")).read_text())
+    screened = json.loads(next(screened_dir.glob("report_*.json")).read_text())
+    assert findings(screened) == findings(ran)
+    kinds = Counter(p.name.split("_")[0] for p in run_out.iterdir())
+    assert Counter(p.name.split("_")[0] for p in screened_dir.iterdir() if p.name != "screen.json") == kinds
+    assert kinds["SR"] == 1 and kinds["PDF"] == 1 and kinds["report"] == 1
+
+
+def findings(report: dict[str, Any]) -> Any:
+    """A JSON report without its timings: what must not depend on how the study was run."""
+    images = [{k: v for k, v in image.items() if k != "timings"} for image in report["images"]]
+    for image in images:
+        image["answers"] = [{k: v for k, v in a.items() if k != "timings"} for a in image["answers"]]
+    return report["eyes"], report["screening"], images, report["errors"], report["package"]
