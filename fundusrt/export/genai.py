@@ -107,13 +107,19 @@ class _StreamedQuantiser:
             op_types_to_quantize=self.op_types, bits=self.bits))
         self._pending: dict[str, dict[str, np.ndarray]] = {}
 
+    def _quantise(self, weight: np.ndarray, columns: int = 4096) -> dict[str, np.ndarray]:
+        """Packed blocks and scales of a (K, N) weight, a slice of N at a time: MLAS wants a contiguous fp32
+        matrix, and a whole contiguous copy of an LM head would be another 1.5 GB for an 8B model."""
+        n = weight.shape[1]
+        parts = [self.quantizer.qbits_block_quant(np.ascontiguousarray(weight[:, i:i + columns], dtype=np.float32))
+                 for i in range(0, n, columns)]
+        return {"packed": np.concatenate([p[0] for p in parts]), "scales": np.concatenate([p[1] for p in parts])}
+
     def _part(self, weight: Any, name: str, part: str) -> Any:
         import onnx_ir as ir
 
         if name not in self._pending:
-            fp32 = np.ascontiguousarray(weight.numpy(), dtype=np.float32)
-            packed, scales, _ = self.quantizer.qbits_block_quant(fp32)
-            self._pending[name] = {"packed": packed, "scales": scales}
+            self._pending[name] = self._quantise(weight.numpy())
         parts = self._pending[name]
         array = parts.pop(part)
         if not parts:

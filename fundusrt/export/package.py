@@ -9,6 +9,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from torch import nn
+
 from fundusrt.export.genai import GenaiDecoderOptions, build_genai_decoder
 from fundusrt.export.onnx import OPSET, component_exports, decoder_spec, export_component
 from fundusrt.manifest import (
@@ -79,6 +81,22 @@ def _write_image_newline(model: LVLM, staging: Path, connector: ComponentSpec) -
     return {"image_newline": path.name, "anyres_max_tiles": model.config.anyres_max_tiles}
 
 
+def _torch_exported_parts(model: LVLM) -> dict[str, nn.Module]:
+    """The modules behind the components that torch exports beside a builder-made decoder."""
+    return {"vision": model.vision, "connector": model.connector,
+            "embed": model.language_model.get_input_embeddings()}
+
+
+def _release(model: LVLM, component: str) -> None:
+    """Free an exported component's weights (to the meta device) unless the decoder shares them (tied
+    embeddings), so the builder's decoder pass does not run beside a converted copy of the vision tower."""
+    part = _torch_exported_parts(model)[component]
+    head = model.language_model.get_output_embeddings()
+    shared = {id(p) for p in head.parameters()} if head is not None else set()
+    if not shared & {id(p) for p in part.parameters()}:
+        part.to("meta")
+
+
 def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: int = 4096,
                    max_tiles: int | None = None, overwrite: bool = False,
                    genai_decoder: GenaiDecoderOptions | None = None, dtype: str = "fp32",
@@ -120,7 +138,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         # The builder reads the decoder's layers one tensor at a time from the memory-mapped checkpoint, in
         # their stored dtype; only what torch exports is converted (an 8B model is never held whole).
         model = load(checkpoint, dtype=None, layout=layout)
-        for part in (model.vision, model.connector, model.language_model.get_input_embeddings()):
+        for part in _torch_exported_parts(model).values():
             part.to(torch_dtype)
         if model.config.image_layout == "anyres_unpad":
             model.image_newline.data = model.image_newline.data.to(torch_dtype)
@@ -149,6 +167,8 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
                 path, *data = build_genai_decoder(model, staging, spec, genai_decoder)
             else:
                 path, *data = export_component(component, staging / f"{name}.onnx")
+                if genai_decoder is not None:
+                    _release(model, name)
             components[name] = _component_spec(path, data)
         if genai_decoder is not None:
             extra["decoder_build"] = genai_decoder.describe()
