@@ -11,8 +11,9 @@ bf16 base, with and without gradient checkpointing, QLoRA (NF4), and 4-GPU DDP /
 `measure` writes a random FundusExpert-mini-shaped checkpoint (InternViT-300M + Qwen2.5-0.5B decoder, bf16,
 one 448 px tile per image) and runs two LoRA steps on the same one-sample batch, each path in its own
 process: today's fp32 path (base loaded in fp32, no checkpointing) and the bf16 base with gradient
-checkpointing. It reports peak RSS (VmHWM, before the final merge writes anything), the second step's time,
-and the planner's CPU figure for the same run.
+checkpointing. It reports peak RSS (VmHWM, before the final merge writes anything), the same above the RSS
+of the process once torch, transformers and peft are imported, the second step's time, and the planner's CPU
+figure for the same run (which leaves out the imports).
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ def _child(config_path: str) -> None:
             self.peak = peak_rss_mib()
 
     config = TrainConfig.load(config_path)
+    import peft  # noqa: F401  (imported before the baseline, like torch and transformers)
+
+    baseline = _rss_mib()
     trainer = Measured(config, log=lambda line: None)
     trainer.run()
     records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -150,13 +154,19 @@ def _child(config_path: str) -> None:
     samples = trainer.prepare(config.data.train, Path(config.output_dir) / "bad.jsonl")
     planned = plan(config, Devices.parse("cpu:24GB"), seq_len=max(len(s.input_ids) for s in samples), tiles=1)
     held = {str(p.dtype) for p in trainer.model.parameters() if not p.requires_grad}
-    print(json.dumps({"peak_rss_mib": round(trainer.peak), "step_s": round(steps[-1]["elapsed_s"]
+    print(json.dumps({"peak_rss_mib": round(trainer.peak), "above_imports_mib": round(trainer.peak - baseline),
+                      "step_s": round(steps[-1]["elapsed_s"]
                                                                             - steps[-2]["elapsed_s"], 1),
                       "loss": steps[-1]["loss"], "frozen_dtypes": sorted(held),
                       "torch_threads": torch.get_num_threads(),
                       "planned_mib": round(planned.total / 2**20),
                       "planned_activations_mib": round((planned.activations_checkpointed if config.grad_checkpointing
                                                         else planned.activations) / 2**20)}))
+
+
+def _rss_mib() -> float:
+    return next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmRSS:"))
 
 
 def main() -> None:

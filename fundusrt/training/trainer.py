@@ -47,8 +47,8 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 BAD_SAMPLES = "bad_samples.jsonl"
 # Keys that may change between a run and its resumption; anything else must match.
-RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "resume", "threads",
-                     "distributed")
+RESUMABLE_CHANGES = ("output_dir", "epochs", "max_steps", "save_every", "keep_checkpoints", "log_every", "resume",
+                     "threads", "distributed")
 
 
 @dataclass
