@@ -80,8 +80,10 @@ class StudyScreener:
                                      protocol=settings.protocol)
         self.gen = GenerationConfig(max_new_tokens=settings.max_new_tokens)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        # what the results depend on: a results folder made with other values is screened again
         self.identity = {"package_sha256": self.pipeline.manifest_sha256,
-                         "protocol_sha256": self.pipeline.protocol.sha256}
+                         "protocol_sha256": self.pipeline.protocol.sha256,
+                         "max_new_tokens": settings.max_new_tokens, "write_pdf": settings.write_pdf}
         self.load_seconds = time.perf_counter() - start
         log.info("worker %s loaded %s in %.2f s", self.worker, settings.package, self.load_seconds)
 
