@@ -212,3 +212,33 @@ def test_the_planner_matches_the_measured_peak_memory(work, tmp_path) -> None:
     # the weights are memory-mapped from the checkpoint, so they count from the step that first reads them on
     assert measured["peak_mib"] == pytest.approx(predicted.total / 2**20, rel=0.2), (measured, predicted.table())
     assert predicted.activations > 0.25 * predicted.total  # activations are a real part of what is compared
+
+
+def test_autograd_keeps_16_bit_originals_not_fp32_copies() -> None:
+    """fp32 compute over a 16-bit base: the upcast copies die after their module ran, even when the backward
+    pass needs them (it widens the 16-bit original again), and the gradients are unchanged."""
+    import weakref
+
+    from fundusrt.training.base import Upcast, keep_upcasts_narrow, upcast_frozen
+
+    layer = torch.nn.Linear(64, 64).to(torch.bfloat16).requires_grad_(False)
+    assert upcast_frozen(layer) == 2
+    copies: list[weakref.ref] = []
+    for module in layer.modules():
+        if isinstance(module, Upcast):
+            module.register_forward_hook(lambda module, args, wide: copies.append(weakref.ref(wide)))
+    x = torch.randn(8, 64, requires_grad=True)
+    grads = []
+    for narrow in (False, True):
+        copies.clear()
+        if narrow:
+            with keep_upcasts_narrow():
+                y = layer(x).square().sum()
+        else:
+            y = layer(x).square().sum()
+        alive = [ref() is not None for ref in copies]
+        assert alive[0] is not narrow, alive  # the weight (saved for the input's gradient) is kept only when wide
+        y.backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

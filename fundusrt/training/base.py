@@ -2,9 +2,9 @@
 or 4-bit NF4 (QLoRA, bitsandbytes, CUDA only); trained parts in fp32.
 
 On a CPU, 16-bit matrix products are slow or inexact, so a 16-bit base computes in fp32 there: every frozen
-16-bit tensor gets a torch parametrization that upcasts it where a module reads it. Only the layer being run
-holds an fp32 copy, except what autograd keeps for the backward pass: with gradient checkpointing that is one
-layer at a time; without it, the upcast weights of every layer the gradient passes through.
+16-bit tensor gets a torch parametrization that upcasts it where a module reads it, and a saved-tensor hook
+makes autograd keep the 16-bit original of any upcast copy the backward pass needs: only the module being
+run holds an fp32 copy of its weights.
 """
 
 from __future__ import annotations
@@ -58,10 +58,38 @@ def base_dtype(setting: str, path: str | Path | None) -> torch.dtype:
 
 
 class Upcast(nn.Module):
-    """Parametrization: the stored 16-bit tensor, read as fp32."""
+    """Parametrization: the stored 16-bit tensor, read as fp32 (the copy remembers what it widens)."""
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.float()
+        wide = stored.float()
+        wide._upcast_of = stored  # for keep_upcasts_narrow
+        return wide
+
+
+Narrowed = tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], int]
+
+
+def _pack(tensor: torch.Tensor) -> torch.Tensor | Narrowed:
+    # autograd may save the copy itself or a view of it (a transposed weight)
+    source = getattr(tensor, "_upcast_of", None)
+    if source is None and tensor._base is not None:
+        source = getattr(tensor._base, "_upcast_of", None)
+    if source is None:
+        return tensor
+    return source, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
+
+
+def _unpack(saved: torch.Tensor | Narrowed) -> torch.Tensor:
+    if isinstance(saved, torch.Tensor):
+        return saved
+    source, size, stride, offset = saved
+    return source.float().as_strided(size, stride, offset)
+
+
+def keep_upcasts_narrow() -> torch.autograd.graph.saved_tensors_hooks:
+    """While active, autograd keeps an fp32 copy made by `Upcast` (e.g. a weight the backward pass multiplies
+    by) as its 16-bit original and widens it again when the backward pass needs it."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 def upcast_frozen(model: nn.Module) -> int:

@@ -30,7 +30,14 @@ from fundusrt.models.layouts import native
 from fundusrt.models.lvlm import LVLM
 from fundusrt.training import distributed
 from fundusrt.training.adapters import merge_adapters, save_adapter, set_trainable, vision_blocks
-from fundusrt.training.base import base_dtype, quantize_decoder_nf4, remove_upcasts, trained_in_fp32, upcast_frozen
+from fundusrt.training.base import (
+    base_dtype,
+    keep_upcasts_narrow,
+    quantize_decoder_nf4,
+    remove_upcasts,
+    trained_in_fp32,
+    upcast_frozen,
+)
 from fundusrt.training.config import TrainConfig
 from fundusrt.training.records import DataIssue, Record, read_records
 from fundusrt.training.samples import (
@@ -121,14 +128,21 @@ class LossModule(nn.Module):
     """
 
     def __init__(self, model: LVLM, device: torch.device, autocast_dtype: torch.dtype | None,
-                 always_run_vision: bool) -> None:
+                 always_run_vision: bool, upcasts: bool) -> None:
         super().__init__()
         self.model = model
+        self.upcasts = upcasts  # frozen 16-bit weights read as fp32 (see fundusrt.training.base)
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.always_run_vision = always_run_vision
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        if not self.upcasts:
+            return self._loss(batch)
+        with keep_upcasts_narrow():
+            return self._loss(batch)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
         loss = lm_loss(self.model, batch, self.device, self.autocast_dtype)
         if batch.pixel_values is None and self.always_run_vision:
             size = self.model.config.tiling.tile_size
@@ -176,28 +190,33 @@ class Trainer:
             raise ValueError("quantize_base 'nf4' (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels run on "
                              f"CUDA and this run is on {self.device.type}; set quantize_base to 'none' to train "
                              "LoRA on a 16-bit base instead")
-        if config.vision_warmup_steps and (config.init_model is None or config.distributed.strategy == "fsdp"):
-            raise ValueError("vision_warmup_steps is for models trained from scratch (init_model) without FSDP")
+        if config.vision_warmup_steps and config.distributed.strategy == "fsdp":
+            raise ValueError("vision_warmup_steps runs on whole (unsharded) towers: use distributed.strategy 'ddp'")
+        if config.quantize_base == "nf4" and config.distributed.strategy == "fsdp":
+            raise ValueError("quantize_base 'nf4' (QLoRA) is not sharded by this trainer: use distributed.strategy "
+                             "'ddp' (each GPU holds the 4-bit base)")
         self.ranks = distributed.init_ranks(config.distributed, self.device.type)
         if self.ranks.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.ranks.local_rank)
         quiet = not self.ranks.is_main
         self.log = (lambda line: None) if quiet else (log or (lambda line: print(line, file=sys.stderr, flush=True)))
         self.model = build_model(config)
+        if config.vision_warmup_steps and any(p.dtype != torch.float32 for p in self.model.vision.parameters()):
+            raise ValueError("vision_warmup_steps trains the vision tower in place, which needs an fp32 base: set "
+                             "base_dtype to 'fp32'")
         if config.quantize_base == "nf4":
             quantize_decoder_nf4(self.model, self.autocast_dtype or torch.bfloat16, self.device)
         torch.manual_seed(config.seed)  # LoRA initialisation: the same on every rank and in every run
         self.targets = set_trainable(self.model, config)
         trained_in_fp32(self.model)
-        if self.autocast_dtype is None:
-            upcast_frozen(self.model)  # fp32 compute over a 16-bit base
+        upcasts = upcast_frozen(self.model) if self.autocast_dtype is None else 0  # fp32 compute, 16-bit base
         if config.grad_checkpointing:
             for part in (self.model.language_model, self.model.vision):
                 _checkpoint_layers(part)
         self.model.to(self.device)
         blocks = [*self.model.language_model.model.layers, *vision_blocks(self.model)]
         self.loss_module = distributed.wrap(
-            LossModule(self.model, self.device, self.autocast_dtype, self.ranks.strategy == "fsdp"),
+            LossModule(self.model, self.device, self.autocast_dtype, self.ranks.strategy == "fsdp", upcasts > 0),
             self.ranks, blocks, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
