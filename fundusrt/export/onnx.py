@@ -63,7 +63,7 @@ def component_exports(model: LVLM) -> dict[str, ComponentExport]:
                                   ({0: tiles},)),
         "connector": ComponentExport(ConnectorComponent(model), (features,), ["vision_features"], ["image_embeds"],
                                      ({0: tiles},)),
-        "embed": ComponentExport(EmbedComponent(model), (torch.randint(0, spec.vocab_size, (n_batch, new_len)),),
+        "embed": ComponentExport(EmbedComponent(model, dtype), (torch.randint(0, spec.vocab_size, (n_batch, new_len)),),
                                  ["input_ids"], ["inputs_embeds"], ({0: batch, 1: seq},)),
         "decoder": ComponentExport(
             DecoderComponent(model),

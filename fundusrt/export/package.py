@@ -136,10 +136,11 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
         model = load(checkpoint, dtype=torch_dtype, layout=layout)
     else:
         # The builder reads the decoder's layers one tensor at a time from the memory-mapped checkpoint, in
-        # their stored dtype; only what torch exports is converted (an 8B model is never held whole).
+        # their stored dtype; only the vision side is converted (an 8B model is never held whole), and the
+        # embedding table keeps its stored dtype too (`EmbedComponent` casts the rows it looks up).
         model = load(checkpoint, dtype=None, layout=layout)
-        for part in _torch_exported_parts(model).values():
-            part.to(torch_dtype)
+        model.vision.to(torch_dtype)
+        model.connector.to(torch_dtype)
         if model.config.image_layout == "anyres_unpad":
             model.image_newline.data = model.image_newline.data.to(torch_dtype)
     config = model.config

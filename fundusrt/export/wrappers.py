@@ -31,14 +31,19 @@ class ConnectorComponent(nn.Module):
 
 
 class EmbedComponent(nn.Module):
-    """input_ids (batch, seq) -> inputs_embeds (batch, seq, hidden)."""
+    """input_ids (batch, seq) -> inputs_embeds (batch, seq, hidden) in the activations' dtype.
 
-    def __init__(self, model: LVLM) -> None:
+    The table may be stored narrower than the activations (a bf16 checkpoint's table in an fp32 package):
+    rows are cast after the lookup, which is exact and keeps the largest tensor of a package at half size.
+    """
+
+    def __init__(self, model: LVLM, dtype: torch.dtype) -> None:
         super().__init__()
         self.embed_tokens = model.language_model.get_input_embeddings()
+        self.dtype = dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        return self.embed_tokens(input_ids).to(self.dtype)
 
 
 class DecoderComponent(nn.Module):
