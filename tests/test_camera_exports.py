@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from fundusrt.dicom import read_study
 from fundusrt.dicom.select import OP_8BIT, VL_PHOTOGRAPHIC, select_fundus
 from fundusrt.dicom.sr import PATIENT_STUDY_TYPE2
-from fundusrt.node.results import write_results
+from fundusrt.dicom.results import write_results
 from tests._dicom_fixtures import small_picture
 from tests.test_dicom_results import PACKAGE, dciodvfy_errors
 

@@ -37,7 +37,7 @@ from PIL import Image
 from fundusrt.dicom.capture import BOX_COLOURS
 from fundusrt.dicom.signoff import build_signoff_sr, person_name
 from fundusrt.dicom.sr import DECISION_CODES, ResultWriteError
-from fundusrt.node.results import write_results
+from fundusrt.dicom.results import write_results
 from fundusrt.synth import write_study
 from tests.test_dicom_results import dciodvfy_errors, report_from_truth
 

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from fundusrt.dicom.findings import parse_boxes
-from fundusrt.node.results import write_results
+from fundusrt.dicom.results import write_results
 from fundusrt.synth import write_study
 from tests.test_dicom_results import dciodvfy_errors, report_from_truth
 
@@ -30,7 +30,7 @@ COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyIn
 
 
 # `fundusrt run` in a fresh interpreter where the build side cannot be imported, as on a Jetson: the DICOM
-# writers (highdicom, fundusrt.node.results) must not pull torch in either.
+# writers (highdicom, fundusrt.dicom.results) must not pull torch in either.
 NO_TORCH_RUN = """
 import importlib.abc, sys
 class Refuse(importlib.abc.MetaPathFinder):

@@ -13,7 +13,7 @@ from typing import Any
 from fundusrt._deps import require
 from fundusrt.node.audit import AuditLog
 from fundusrt.node.config import NodeConfig
-from fundusrt.node.results import write_results
+from fundusrt.dicom.results import write_results
 from fundusrt.node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, start_scp
 from fundusrt.node.sender import SendError, client_tls_context, send_files, stow_files
 from fundusrt.node.spool import Spool, SpoolError, durable_write

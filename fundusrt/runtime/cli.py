@@ -100,7 +100,7 @@ def _stow(url: str, paths: list[Path]) -> int:
 
 def _write_dicom(report: Any, out_dir: Path, write_pdf: bool) -> Any:
     """Write the DICOM results of `report` into `out_dir` (created if missing); returns `WrittenResults`."""
-    from fundusrt.node.results import write_results
+    from fundusrt.dicom.results import write_results
 
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--dicom-out {out_dir} exists and is not a folder")

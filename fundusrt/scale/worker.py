@@ -122,7 +122,7 @@ class StudyScreener:
 
     def _results(self, ref: StudyRef) -> tuple[Path, dict[str, Any]]:
         """The study's results folder and its record, screening the study unless it was already done."""
-        from fundusrt.node.results import write_results
+        from fundusrt.dicom.results import write_results
 
         folder = study_folder(self.out_dir, ref.key)
         record_path = folder / RECORD_NAME
