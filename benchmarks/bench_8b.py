@@ -130,24 +130,30 @@ def main() -> int:
     parser.add_argument("--decoder", default="int4", choices=("int4", "int8"))
     parser.add_argument("--max-tiles", type=int, default=1, help="tiles per image in the package (1: 256 tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=32, help="INT4/INT8 weights per quantisation block")
+    parser.add_argument("--stages", default="export,run", help="stages to (re)run: export, run")
     args = parser.parse_args()
     work: Path = args.work
-    checkpoint, package, study = work / "checkpoint", work / f"package-{args.decoder}", work / "study"
+    checkpoint, study = work / "checkpoint", work / "study"
+    package = work / f"package-{args.decoder}-b{args.block_size}"
+    stages_wanted = set(args.stages.split(","))
     fundusrt = [sys.executable, "-m", "fundusrt.cli"]
     stages: dict[str, dict[str, float]] = {}
     if not (checkpoint / "config.json").is_file():
         stages["write"] = _write_stage(checkpoint)
     weights_gib = round(sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / 1024**3, 2)
-    if not (package / "manifest.json").is_file():
+    if "export" in stages_wanted or not (package / "manifest.json").is_file():
         stages["export"] = timed([*fundusrt, "export", str(checkpoint), "--out", str(package), "--force",
-                                  "--decoder", args.decoder, "--max-tiles", str(args.max_tiles),
-                                  "--max-seq-len", "2048"])
+                                  "--decoder", args.decoder, "--block-size", str(args.block_size),
+                                  "--max-tiles", str(args.max_tiles), "--max-seq-len", "2048"])
     if not study.is_dir():
         subprocess.run([*fundusrt, "synth", "--out", str(study), "--studies", "1"], check=True)
     report = work / "report.json"
-    stages["run"] = timed([*fundusrt, "run", str(study), "--package", str(package), "--json", str(report),
-                           "--question", "Describe the image.", "--max-new-tokens", str(args.max_new_tokens)])
-    answers = [a for image in json.loads(report.read_text()).get("images", []) for a in image.get("answers", [])]
+    if "run" in stages_wanted:
+        stages["run"] = timed([*fundusrt, "run", str(study), "--package", str(package), "--json", str(report),
+                               "--question", "Describe the image.", "--max-new-tokens", str(args.max_new_tokens)])
+    answers = [a for image in json.loads(report.read_text()).get("images", []) for a in image.get("answers", [])] \
+        if report.is_file() else []
     timings = [a.get("timings", {}) for a in answers]
     figures = {
         "checkpoint_gib": weights_gib, "package_gib": _dir_gib(package),
