@@ -84,8 +84,10 @@ def test_serve_receives_a_study_writes_the_sr_and_stops_on_sigterm(package: Path
     dcmtk_storescu()  # skip early when dcmtk is missing
     study = write_study(tmp_path / "study", seed=4, size=(256, 256))
     spool, out = tmp_path / "spool", tmp_path / "out"
+    # storescu runs once per transfer syntax; on a loaded machine the gap between runs can pass 1 s, and the
+    # node would rightly run the study before the rest arrives: the quiet period leaves room for that.
     serve = Serve(tmp_path / "node", "--package", str(package), "--spool", str(spool), "--out", str(out),
-                  "--port", "0", "--quiet-seconds", "1", "--max-new-tokens", "6", "--threads", "1", "--pdf",
+                  "--port", "0", "--quiet-seconds", "5", "--max-new-tokens", "6", "--threads", "1", "--pdf",
                   "--log-level", "DEBUG")
     try:
         ready = serve.wait_ready()
