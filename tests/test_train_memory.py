@@ -70,7 +70,8 @@ def test_a_bf16_checkpoint_is_trained_over_a_bf16_base(work) -> None:
     samples = trainers["fp32"].prepare([str(work["data"])], work["root"] / "bad.jsonl")
     losses = {name: t.micro_step(samples, np.arange(2), scale=1.0) for name, t in trainers.items()}
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-5), losses
-    grads = {name: {n: p.grad for n, p in t.model.named_parameters() if p.requires_grad} for name, t in trainers.items()}
+    grads = {name: {n: p.grad for n, p in t.model.named_parameters() if p.requires_grad}
+             for name, t in trainers.items()}
     for name, grad in grads["fp32"].items():
         torch.testing.assert_close(grads["bf16"][name], grad, rtol=1e-4, atol=1e-6)
     # training ends with a merged bf16 checkpoint

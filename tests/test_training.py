@@ -215,7 +215,7 @@ def test_resumed_run_matches_an_uninterrupted_one(work, capsys) -> None:
     first = _config(work, "resumed", **{**flat, "max_steps": 2})
     config_file = work["root"] / "resume.json"
     config_file.write_text(json.dumps(first.to_dict()))
-    args = argparse.Namespace(config=str(config_file), max_steps=None, no_resume=False, evaluate=None)
+    args = argparse.Namespace(config=str(config_file), max_steps=None, no_resume=False, evaluate=None, plan=False)
     assert train_cli.main(args) == 0
     assert capsys.readouterr().out.strip().endswith("merged")
     first.max_steps, first.resume = 4, True
@@ -229,7 +229,8 @@ def test_resumed_run_matches_an_uninterrupted_one(work, capsys) -> None:
 def test_cli_reports_a_bad_config(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"output_dir": str(tmp_path), "data": {"train": ["x.json"]}, "method": "lora"}))
-    assert train_cli.main(argparse.Namespace(config=str(bad), max_steps=None, no_resume=False, evaluate=None)) == 1
+    args = argparse.Namespace(config=str(bad), max_steps=None, no_resume=False, evaluate=None, plan=False)
+    assert train_cli.main(args) == 1
     assert "exactly one of `base`" in capsys.readouterr().err
 
 
