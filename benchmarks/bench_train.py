@@ -10,8 +10,8 @@ bf16 base, with and without gradient checkpointing, QLoRA (NF4), and 4-GPU DDP /
 
 `measure` writes a random FundusExpert-mini-shaped checkpoint (InternViT-300M + Qwen2.5-0.5B decoder, bf16,
 one 448 px tile per image) and runs two LoRA steps on the same one-sample batch, each path in its own
-process: today's fp32 path (base loaded in fp32, no checkpointing) and the bf16 base with gradient
-checkpointing. It reports peak RSS (VmHWM, before the final merge writes anything), the same above the RSS
+process: today's fp32 path (base loaded in fp32, no checkpointing), the bf16 base, and the bf16 base with
+gradient checkpointing. It reports peak RSS (VmHWM, before the final merge writes anything), the same above the RSS
 of the process once torch, transformers and peft are imported, the second step's time, and the planner's CPU
 figure for the same run (which leaves out the imports).
 """
@@ -103,8 +103,9 @@ def measure_mini(workdir: Path) -> None:
     files = [str(p) for p in sorted(data.glob("*.json"))]
     print(f"machine: {cpu_summary()}")
     for name, settings in {"fp32 base (today's path)": {"base_dtype": "fp32"},
+                           "bf16 base": {},
                            "bf16 base + checkpointing": {"grad_checkpointing": True}}.items():
-        config = train_config(base, workdir / f"out-{len(name)}", files, max_steps=2, warmup_steps=1, log_every=1,
+        config = train_config(base, workdir / f"out-{name.split()[0]}-{len(settings)}", files, max_steps=2, warmup_steps=1, log_every=1,
                               resume=False, threads=2, **settings)
         path = workdir / "config.json"
         path.write_text(json.dumps(config))
