@@ -190,8 +190,8 @@ def test_the_planner_matches_the_measured_peak_memory(work, tmp_path) -> None:
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, config=text))
     base = native.save(build_tiny_model(config=config, seed=1), tmp_path / "small")
     # text-only samples of one length, so the planner's worst case is the run's case
-    record = {"conversations": [{"from": "human", "value": "Describe the fundus. " * 100},
-                                {"from": "gpt", "value": "No diabetic retinopathy. " * 30}]}
+    record = {"conversations": [{"from": "human", "value": "Describe the fundus. " * 60},
+                                {"from": "gpt", "value": "No diabetic retinopathy. " * 20}]}
     data = tmp_path / "long.json"
     data.write_text(json.dumps([record] * 2))
     config = TrainConfig.from_dict({"output_dir": str(tmp_path / "out"), "base": str(base), "method": "full",
