@@ -243,3 +243,32 @@ def test_autograd_keeps_16_bit_originals_not_fp32_copies() -> None:
         grads.append(x.grad.clone())
         x.grad = None
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_plans_scale_with_sharding_batch_and_quantization(tmp_path) -> None:
+    base = write_internvl_chat(tmp_path / "ivl", internlm2=True)
+
+    def planned(devices: str, **settings) -> object:
+        config = TrainConfig.from_dict({"output_dir": str(tmp_path / "out"), "base": str(base), "method": "lora",
+                                        "data": {"train": ["x.json"], "max_seq_len": 512}, "batch_size": 4,
+                                        "grad_checkpointing": True, **settings})
+        return plan(config, Devices.parse(devices))
+
+    one, ddp, fsdp = planned("1x80GB"), planned("4x80GB"), planned("4x80GB", distributed={"strategy": "fsdp"})
+    assert (one.micro_batch, ddp.micro_batch, fsdp.micro_batch) == (4, 1, 1)
+    assert ddp.weights == one.weights and ddp.gradients == 2 * one.gradients  # DDP: whole model, bucket copy
+    assert fsdp.weights == one.weights // 4 and fsdp.optimizer == one.optimizer // 4 and fsdp.gathered > 0
+    assert ddp.activations == fsdp.activations == pytest.approx(one.activations / 4, rel=0.05)
+    assert one.activations_checkpointed < one.activations
+    nf4 = planned("1x80GB", quantize_base="nf4")
+    assert nf4.weights < 0.75 * one.weights and nf4.adapters == one.adapters  # decoder Linears at ~4.1 bits
+    fp32 = planned("1x80GB", base_dtype="fp32")
+    assert fp32.weights == 2 * one.weights
+    with pytest.raises(ValueError, match="not COUNTxMEMORY"):
+        Devices.parse("eight GPUs")
+
+
+def test_the_transformers_spelling_of_checkpointing_is_not_ignored(work) -> None:
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        TrainConfig.from_dict({"output_dir": "out", "data": {"train": ["x.json"]}, "base": str(work["fp32"]),
+                               "gradient_checkpointing": True})
