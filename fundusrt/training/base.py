@@ -139,7 +139,7 @@ def quantize_decoder_nf4(model: nn.Module, compute_dtype: torch.dtype, device: t
             quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=compute_dtype, quant_type="nf4", device="meta")
             quantized.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype), requires_grad=False,
-                                                 quant_type="nf4")
+                                                 quant_type="nf4", module=quantized)
             if child.bias is not None:
                 quantized.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             setattr(parent, name, quantized.to(device))  # moving Params4bit to CUDA quantizes it
