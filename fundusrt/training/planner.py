@@ -105,7 +105,7 @@ class Plan:
             f"  activations, no checkpointing    {gib(self.activations)}",
             f"  activations, checkpointing       {gib(self.activations_checkpointed)}",
             f"  runtime overhead                 {gib(self.overhead)}",
-            f"  total (checkpointing {used:3})       {gib(self.total)} of {self.devices.memory / GIB:.2f} GiB: "
+            f"  {f'total (checkpointing {used})':33}{gib(self.total)} of {self.devices.memory / GIB:.2f} GiB: "
             + ("fits" if self.fits else "does NOT fit"),
         ]
         return "\n".join(rows)
