@@ -125,7 +125,8 @@ class TrainConfig:
         batch_size, grad_accum: samples per micro-batch and micro-batches per optimiser step.
         epochs, max_steps: passes over the data, or optimiser steps when max_steps > 0.
         seed: seeds initialisation, data order and dropout.
-        grad_checkpointing: recompute activations in the backward pass to save memory.
+        grad_checkpointing: recompute activations in the backward pass to save memory (every decoder layer and
+            vision block; transformers' activation checkpointing).
         precision: "auto" (bf16 autocast on a GPU that has it, fp16 on other GPUs, fp32 on CPU) or explicit.
             On CPU a 16-bit base still computes in fp32: each frozen weight is upcast as it is used.
         base_dtype: dtype the base weights are held in; "auto" keeps the checkpoint's own (bf16/fp16/fp32),
