@@ -153,7 +153,7 @@ def main() -> int:
         stages["run"] = timed([*fundusrt, "run", str(study), "--package", str(package), "--json", str(report),
                                "--question", "Describe the image.", "--max-new-tokens", str(args.max_new_tokens)])
     answers = [a for image in json.loads(report.read_text()).get("images", []) for a in image.get("answers", [])] \
-        if report.is_file() else []
+        if "run" in stages else []
     timings = [a.get("timings", {}) for a in answers]
     figures = {
         "checkpoint_gib": weights_gib, "package_gib": _dir_gib(package),
