@@ -11,7 +11,7 @@ Each stage runs as its own process; its peak RSS is the kernel's high-water mark
 (`wait4`). The goals of issue #14: every stage fits in 24 GB, export peak RSS <= 0.5 x the checkpoint's
 16-bit weight bytes + 2 GB, INT4 package <= 6 GB. Needs about 16 + 6 GB of free disk in --work.
 
-    python benchmarks/bench_8b.py --work /var/tmp/fundusrt-8b
+    python benchmarks/bench_8b.py --work DIR [--block-size 32] [--stages export,run]
 """
 
 from __future__ import annotations
