@@ -28,6 +28,7 @@ from tests.test_screen import MAX_NEW_TOKENS, assert_same_findings, reference_ey
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+DICOMWEB_STUDIES = 60  # the figure: the same archive size as the Ray test
 
 
 def free_port() -> int:
@@ -143,14 +144,14 @@ def test_screen_from_dicomweb_posts_the_results_back(tiny_package, tmp_path: Pat
 def _screen_from_dicomweb(orthanc: Orthanc, package: Path, tmp_path: Path, open_source: Any, screen: Any) -> None:
 
     pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is in the scale extra")
-    origin = write_archive(tmp_path / "archive", 6, bases=2)
+    origin = write_archive(tmp_path / "archive", DICOMWEB_STUDIES, bases=2)
     client = connect(orthanc.dicomweb)
     store_files(client, sorted((tmp_path / "archive").rglob("*.dcm")))  # the PACS holds the archive
 
     out = tmp_path / "out"
     summary = screen(open_source(orthanc.dicomweb, tmp_path / "index.sqlite", page_size=5),
                      settings(package, out, stow_url=orthanc.dicomweb))
-    assert summary["done"] == 6 and summary["failed"] == 0
+    assert summary["done"] == DICOMWEB_STUDIES and summary["failed"] == 0
     table = pq.read_table(out / "results.parquet")
     assert_same_findings(table_eyes(table), reference_eyes(package, origin))
     for row in table.to_pylist():
