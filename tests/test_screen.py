@@ -276,3 +276,22 @@ def findings(report: dict[str, Any]) -> Any:
     for image in images:
         image["answers"] = [{k: v for k, v in a.items() if k != "timings"} for a in image["answers"]]
     return report["eyes"], report["screening"], images, report["errors"], report["package"]
+
+
+@pytest.mark.slow
+def test_screen_verb_with_ray_runs_on_a_local_cluster(package: Path, tmp_path: Path) -> None:
+    """`fundusrt screen --ray` as a user types it: its own local cluster, the rows the runtime gives."""
+    pytest.importorskip("ray", reason="ray is in the scale extra: pip install 'fundusrt[scale]'")
+    origin = write_archive(tmp_path / "archive", 4, bases=2)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local cluster, not the tests' one
+    proc = subprocess.run([sys.executable, "-m", "fundusrt.cli", "screen", str(tmp_path / "archive"), "--package",
+                           str(package), "--out", str(out), "--ray", "--workers", "1", "--threads", "1",
+                           "--max-new-tokens", str(MAX_NEW_TOKENS)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["this_run"]["engine"] == "ray" and summary["done"] == 4 and summary["failed"] == 0
+    table = pq.read_table(out / "results.parquet")
+    assert set(one_row_per_eye(table).values()) == {1}
+    assert_same_findings(table_eyes(table), reference_eyes(package, origin))
