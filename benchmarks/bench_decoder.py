@@ -151,8 +151,9 @@ c.main()
     return files
 
 
-def build(workdir: Path, vocab: int) -> tuple[dict[str, Path], Path]:
-    """The packages and the transformers decoder folder (reused when present)."""
+def build(workdir: Path, vocab: int, block_sizes: list[int]) -> tuple[dict[str, Path], Path]:
+    """The packages (quantised ones once per block size; "int8-b128" for block 128) and the transformers
+    decoder folder (reused when present)."""
     import torch
 
     from fundusrt.export import export_package
@@ -166,11 +167,15 @@ def build(workdir: Path, vocab: int) -> tuple[dict[str, Path], Path]:
     if not checkpoint.exists():
         torch.manual_seed(0)
         native.save(LVLM(mini_decoder_config(vocab), build_tokenizer()).eval(), checkpoint)
-    packages = {name: workdir / f"pkg-{name}" for name in FUNDUSRT}
+    names = [name if name.startswith("fp32") or block == 32 else f"{name}-b{block}"
+             for name in FUNDUSRT for block in (block_sizes if name in ("int8", "int4") else [32])]
+    packages = {name: workdir / f"pkg-{name}" for name in names}
     for name, path in packages.items():
         if not path.exists():
             start = time.perf_counter()
-            genai = None if name == "fp32-torch" else GenaiDecoderOptions(precision=name)
+            precision, _, block = name.partition("-b")
+            genai = None if name == "fp32-torch" else GenaiDecoderOptions(precision=precision,
+                                                                          block_size=int(block or 32))
             export_package(checkpoint, path, max_seq_len=8192, genai_decoder=genai)
             print(f"exported {name} in {time.perf_counter() - start:.0f} s", flush=True)
     hf_dir = workdir / "hf-decoder"
@@ -195,6 +200,7 @@ def main() -> int:
     parser.add_argument("--contexts", default="256,1024,4096", help="context lengths for decode tok/s growth")
     parser.add_argument("--vocab-size", type=int, default=151674)
     parser.add_argument("--only", default=None, help="comma-separated engines to run (default: all)")
+    parser.add_argument("--block-sizes", default="32", help="quantisation blocks of the int8/int4 packages (32,128)")
     parser.add_argument("--worker", choices=["fundusrt", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,7 +216,7 @@ def main() -> int:
     from fundusrt.bench.machine import cpu_summary, decode_bytes_per_token, host_bandwidth
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fundusrt-bench-decoder-"))
-    packages, hf_dir = build(workdir, args.vocab_size)
+    packages, hf_dir = build(workdir, args.vocab_size, [int(b) for b in args.block_sizes.split(",")])
     engines: dict[str, tuple[str, Path]] = {f"fundusrt {n}": ("fundusrt", p) for n, p in packages.items()}
     weight_bytes = {f"fundusrt {n}": decode_bytes_per_token(p, 0)["weight_bytes"] for n, p in packages.items()}
     if args.llama_cpp_src is not None:
@@ -243,9 +249,10 @@ def main() -> int:
         roofline = weight_bytes[name] * r["decode_tok_s"] / bandwidth
         print(f"{name:22s}{r['decode_tok_s']:13.1f}{r['prefill_ms']:11.0f}{weight_bytes[name] / 1e6:11.0f}"
               f"{roofline:9.0%}{r['peak_rss_mib']:9.0f}" + "".join(f"{r['context_tok_s'][str(c)]:8.1f}" for c in contexts))
-    for ours, theirs in (("fundusrt int8", "llama.cpp Q8_0"), ("fundusrt int4", "llama.cpp Q4_0"),
-                         ("fundusrt fp32", "llama.cpp F32")):
-        if ours in results and theirs in results:
+    peers = {"int8": "llama.cpp Q8_0", "int4": "llama.cpp Q4_0", "fp32": "llama.cpp F32"}
+    for ours in results:
+        theirs = peers.get(ours.removeprefix("fundusrt ").split("-b")[0])
+        if ours.startswith("fundusrt") and theirs in results:
             a, b = results[ours], results[theirs]
             print(f"{ours} vs {theirs}: decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x, "
                   f"prefill {b['prefill_ms'] / a['prefill_ms']:.2f}x")
