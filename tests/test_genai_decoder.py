@@ -44,7 +44,7 @@ def test_manifest_records_the_builder_and_the_in_place_cache(packages: dict[str,
     manifest = json.loads((packages["int4"] / "manifest.json").read_text())
     assert manifest["precision"] == "fp32+decoder-int4" and manifest["decoder"]["kv_cache"] == "shared"
     build = manifest["extra"]["decoder_build"]
-    assert build["builder"].startswith("onnxruntime-genai") and build["block_size"] == 32
+    assert build["builder"].startswith("onnxruntime-genai") and build["block_size"] == 128
     graph = onnx.load(str(packages["int4"] / manifest["components"]["decoder"]["file"]), load_external_data=False)
     ops = {node.op_type for node in graph.graph.node}
     assert {"MatMulNBits", "GroupQueryAttention"} <= ops and "MatMul" not in ops
@@ -162,7 +162,7 @@ def test_streamed_weights_equal_the_builders_own_save(precision: str, tiny_packa
     create_model(None, str(hf), str(theirs), precision, "cpu", str(tmp_path / "cache"), **parsed)
     ours = tmp_path / "ours"
     ours.mkdir()
-    build_genai_decoder(model, ours, decoder_spec(model, 64), GenaiDecoderOptions(precision=precision))
+    build_genai_decoder(model, ours, decoder_spec(model, 64), GenaiDecoderOptions(precision=precision, block_size=32))
 
     def graph(path: Path) -> tuple[list[tuple[str, str]], dict[str, np.ndarray]]:
         proto = onnx.load(str(path / DECODER_FILE))

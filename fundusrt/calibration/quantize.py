@@ -49,7 +49,7 @@ class QuantOptions:
     method: str = "minmax"
     decoder: str = "qdq"
     percentile: float = 99.999
-    block_size: int = 32
+    block_size: int = 128
     accuracy_level: int = 4
 
     def __post_init__(self) -> None:

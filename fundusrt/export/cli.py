@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answers-mcq", action="store_true",
                         help="the model was trained on VLMEvalKit's multiple-choice prompt: declare it in the "
                              "manifest so that `fundusrt bench` runs MCQ sets on this package (default: it does not)")
-    parser.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per quantisation block (32)")
+    parser.add_argument("--block-size", type=int, default=128,
+                        help="int8/int4: weights per quantisation block (128: GPTQ/AWQ's usual group; 32 = llama.cpp's "
+                             "Q8_0/Q4_0 granularity, slower and larger, for models the gate refuses at 128)")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=(1, 2, 3, 4),
                         help="int8/int4: MatMulNBits compute, 4 = int8 dot products (default, fastest on CPUs)")
 

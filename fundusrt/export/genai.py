@@ -52,7 +52,7 @@ class GenaiDecoderOptions:
     """
 
     precision: str = "int4"
-    block_size: int = 32
+    block_size: int = 128
     accuracy_level: int = 4
 
     def __post_init__(self) -> None:
