@@ -11,7 +11,7 @@ Each stage runs as its own process; its peak RSS is the kernel's high-water mark
 (`wait4`). The goals of issue #14: every stage fits in 24 GB, export peak RSS <= 0.5 x the checkpoint's
 16-bit weight bytes + 2 GB, INT4 package <= 6 GB. Needs about 16 + 6 GB of free disk in --work.
 
-    python benchmarks/bench_8b.py --work DIR [--block-size 32] [--stages export,run]
+    python benchmarks/bench_8b.py --work DIR [--block-size 128] [--stages export,run]
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--decoder", default="int4", choices=("int4", "int8"))
     parser.add_argument("--max-tiles", type=int, default=1, help="tiles per image in the package (1: 256 tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=32, help="INT4/INT8 weights per quantisation block")
+    parser.add_argument("--block-size", type=int, default=128, help="INT4/INT8 weights per quantisation block")
     parser.add_argument("--stages", default="export,run", help="stages to (re)run: export, run")
     args = parser.parse_args()
     work: Path = args.work
