@@ -132,7 +132,7 @@ class _StreamedQuantiser:
 
         graph = model.graph
         for node in list(graph):
-            if node.op_type not in self.op_types or node.name in self.excluded or node.op_type != "MatMul":
+            if node.op_type != "MatMul" or "MatMul" not in self.op_types or node.name in self.excluded:
                 continue
             weight_value = node.inputs[1]
             weight = weight_value.const_value if weight_value is not None else None
