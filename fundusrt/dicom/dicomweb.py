@@ -116,7 +116,7 @@ def retrieve_study(client: Any, study_instance_uid: str, out_dir: Path) -> list[
     The request asks for the transfer syntax each instance was stored in (``transfer-syntax=*``); a server
     may still send another one (Orthanc sends most as explicit VR little endian), which reads the same.
 
-    Returns the files written, one per instance, named by SOP Instance UID.
+    Returns the files written, one per instance, numbered in the order the server sent them.
 
     Raises:
         DicomWebError: the server did not answer, or answered with an error.

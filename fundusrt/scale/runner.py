@@ -14,9 +14,11 @@ import json
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -254,14 +256,9 @@ def _run_on_ray(pending: Iterable[StudyRef], settings: ScreenSettings, table: Re
 
 
 def _lost_meta() -> dict[str, Any]:
-    import uuid
-    from datetime import datetime, timezone
-
     return {"attempt_id": uuid.uuid4().hex, "completed_at": datetime.now(timezone.utc)}
 
 
 def _with_threads(settings: ScreenSettings, threads: int) -> ScreenSettings:
-    from dataclasses import replace
-
     return settings if settings.threads is not None else replace(settings, threads=threads)
 
