@@ -74,7 +74,7 @@ def _header_result(path: str, ds: Dataset) -> FileResult:
 
 
 @contextlib.contextmanager
-def _quiet_pydicom() -> Iterator[None]:
+def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's warnings and log records while reading: they quote raw header values (PHI).
 
     The level is raised on the "pydicom" logger itself because its child loggers (decoders) inherit
@@ -117,7 +117,7 @@ def read_dicom_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
         (images, result); images is empty unless result.status == "ok".
     """
     name = str(path)
-    with _quiet_pydicom():
+    with quiet_pydicom():
         try:
             ds = _read_dataset(Path(path))
         except ValueError as exc:

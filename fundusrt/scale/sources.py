@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fundusrt.dicom.reader import _quiet_pydicom  # pydicom warnings quote header values (PHI)
+from fundusrt.dicom.reader import quiet_pydicom
 
 _INDEX_BATCH = 1000  # rows per SQLite transaction while indexing
 
@@ -133,7 +133,7 @@ def _study_uid(path: Path) -> str:
     from pydicom.errors import InvalidDicomError
 
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
             uid = str(ds.get("StudyInstanceUID", "") or "").strip()
     except InvalidDicomError as exc:
