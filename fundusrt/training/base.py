@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fundusrt.models.layouts.common import tensor_headers
+from fundusrt.models.layouts.common import read_json, tensor_headers
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,15 +27,13 @@ NAMED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 def checkpoint_dtype(path: str | Path) -> torch.dtype:
     """The floating dtype holding most of the checkpoint's weights, from the safetensors headers (no tensor
     data read), or from config.json's torch_dtype when the folder holds only the config (planning)."""
-    import json
-
     from fundusrt.models.loader import detect_layout, layout_module
 
     root = Path(path)
     try:
         files = layout_module(detect_layout(root)).weight_files(root)
     except FileNotFoundError:
-        config = json.loads((root / "config.json").read_text())
+        config = read_json(root / "config.json")
         name = config.get("torch_dtype") or config.get("dtype") or config.get("llm_config", {}).get("torch_dtype")
         if name not in CONFIG_DTYPES:
             raise ValueError(f"{root} has no weights and its config.json names no torch_dtype of "
