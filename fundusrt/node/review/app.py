@@ -316,10 +316,11 @@ class ReviewApp:
         path = study.image_path(sop) if study is not None else None
         if path is None:
             return self._refused(request, 404, "image not found (its source file is no longer on disk)")
-        lesions = [les for eye in study_findings(study.report) for les in eye.lesions
-                   if les.sop_instance_uid == sop and les.frame_index == frame]
         key = (str(path), str(study.ai_sr_path), sop, frame, full)
-        def render() -> bytes:
+
+        def render() -> bytes:  # the boxes are looked up only when the image is not cached
+            lesions = [les for eye in study_findings(study.report) for les in eye.lesions
+                       if les.sop_instance_uid == sop and les.frame_index == frame]
             return render_image(path, sop, frame, lesions, None if full else THUMBNAIL_PX)
 
         try:
