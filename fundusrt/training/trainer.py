@@ -173,6 +173,14 @@ def _checkpoint_layers(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _copy_into(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` into the model's parameters of the same names."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
 def _fingerprint(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
 
@@ -328,11 +336,7 @@ class Trainer:
         extra = torch.load(latest / "state.pt", weights_only=False)
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         frozen = {name: tensor for name, tensor in weights.items() if name not in trainable}
-        if frozen:  # warmed-up vision weights that the main loop keeps frozen
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in frozen.items():
-                    params[name].copy_(tensor)
+        _copy_into(self.model, frozen)  # warmed-up vision weights that the main loop keeps frozen
         distributed.load_trainable_state(self.model, self.optimizer,
                                          {k: v for k, v in weights.items() if k in trainable}, extra["optimizer"])
         self.scaler.load_state_dict(extra["scaler"])
@@ -447,10 +451,7 @@ class Trainer:
         model = build_model(self.config)
         set_trainable(model, self.config)
         trained_in_fp32(model)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+        _copy_into(model, weights)
         return model
 
     def _finish(self, steps: int, loss: float) -> TrainResult | None:
