@@ -156,8 +156,7 @@ def _child(config_path: str) -> None:
     planned = plan(config, Devices.parse("cpu:24GB"), seq_len=max(len(s.input_ids) for s in samples), tiles=1)
     held = {str(p.dtype) for p in trainer.model.parameters() if not p.requires_grad}
     print(json.dumps({"peak_rss_mib": round(trainer.peak), "above_imports_mib": round(trainer.peak - baseline),
-                      "step_s": round(steps[-1]["elapsed_s"]
-                                                                            - steps[-2]["elapsed_s"], 1),
+                      "step_s": round(steps[-1]["elapsed_s"] - steps[-2]["elapsed_s"], 1),
                       "loss": steps[-1]["loss"], "frozen_dtypes": sorted(held),
                       "torch_threads": torch.get_num_threads(),
                       "planned_mib": round(planned.total / 2**20),
