@@ -8,7 +8,6 @@ A run without torchrun's environment is one rank with no process group, so one c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +136,6 @@ def load_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, wei
                    options=_options(strict=False))
 
 
-def grad_norm(clip: Callable[[], torch.Tensor]) -> float:
+def grad_norm(norm: torch.Tensor) -> float:
     """float() of a clip_grad_norm_ result, which FSDP returns as a (replicated) DTensor."""
-    norm = clip()
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

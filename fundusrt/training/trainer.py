@@ -403,8 +403,7 @@ class Trainer:
                         step_losses.append(loss)
                         tokens += sum(len(train[int(i)].input_ids) for i in indices)
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = (distributed.grad_norm(lambda: torch.nn.utils.clip_grad_norm_(self.params,
-                                                                                           cfg.max_grad_norm))
+                grad_norm = (distributed.grad_norm(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                              if cfg.max_grad_norm > 0 else 0.0)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
