@@ -31,6 +31,7 @@ from fundusrt.models.lvlm import LVLM
 from fundusrt.training import distributed
 from fundusrt.training.adapters import merge_adapters, save_adapter, set_trainable, vision_blocks
 from fundusrt.training.base import (
+    NAMED_DTYPES,
     base_dtype,
     keep_upcasts_narrow,
     quantize_decoder_nf4,
@@ -161,7 +162,7 @@ def _device_and_precision(config: TrainConfig) -> tuple[torch.device, torch.dtyp
     precision = config.precision
     if precision == "auto":
         precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return device, None if precision == "fp32" else NAMED_DTYPES[precision]
 
 
 def _checkpoint_layers(model: nn.Module) -> None:
