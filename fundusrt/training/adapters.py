@@ -31,6 +31,11 @@ def vision_blocks(model: LVLM) -> nn.ModuleList:
     raise ValueError("the vision tower has no block list to train")
 
 
+def transformer_blocks(model: LVLM) -> list[nn.Module]:
+    """The decoder layers and vision blocks: the units of checkpointing, FSDP sharding and the planner's count."""
+    return [*model.language_model.model.layers, *vision_blocks(model)]
+
+
 def _linear_names(model: nn.Module, prefix: str, suffixes: tuple[str, ...] | None) -> list[str]:
     """Full names of nn.Linear modules under `prefix` (ending in one of `suffixes`, if given)."""
     return [name for name, module in model.named_modules()

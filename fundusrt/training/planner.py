@@ -163,12 +163,6 @@ class _SavedTensors:
         return sum(t.numel() * t.element_size() for t in self.seen.values())
 
 
-def _layer_stacks(model: nn.Module) -> list[nn.ModuleList]:
-    from fundusrt.training.adapters import vision_blocks
-
-    return [vision_blocks(model), model.language_model.model.layers]
-
-
 def measure_activations(model: nn.Module, batch: int, seq_len: int, tiles: int,
                         autocast_dtype: torch.dtype | None) -> tuple[int, int]:
     """(saved bytes without checkpointing, with it) of one training forward of `model` (fake tensors).
@@ -176,6 +170,8 @@ def measure_activations(model: nn.Module, batch: int, seq_len: int, tiles: int,
     Image features take the first tokens of each sequence, as in the prompt; the loss is lm_loss's.
     """
     import torch.nn.functional as F
+
+    from fundusrt.training.adapters import transformer_blocks
 
     saved = _SavedTensors(model)
     per_layer: list[int] = []
@@ -189,10 +185,9 @@ def measure_activations(model: nn.Module, batch: int, seq_len: int, tiles: int,
     def after(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         per_layer[-1] += saved.bytes
 
-    hooks = [layer.register_forward_pre_hook(before, with_kwargs=True) for stack in _layer_stacks(model)
-             for layer in stack]
-    hooks += [layer.register_forward_hook(after, with_kwargs=True) for stack in _layer_stacks(model)
-              for layer in stack]
+    blocks = transformer_blocks(model)
+    hooks = [block.register_forward_pre_hook(before, with_kwargs=True) for block in blocks]
+    hooks += [block.register_forward_hook(after, with_kwargs=True) for block in blocks]
     size = model.config.tiling.tile_size
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
@@ -225,6 +220,7 @@ def plan(config: TrainConfig, devices: Devices, seq_len: int | None = None, tile
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fundusrt.training.adapters import transformer_blocks
     from fundusrt.training.base import NAMED_DTYPES, base_dtype
 
     mcfg, tokenizer = model_config(config)
@@ -245,10 +241,10 @@ def plan(config: TrainConfig, devices: Devices, seq_len: int | None = None, tile
     model = _meta_model(mcfg, tokenizer, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = _frozen_bytes(model, config, held)
-    stacks = _layer_stacks(model)
-    in_blocks = {id(p) for stack in stacks for p in stack.parameters()}
+    blocks = transformer_blocks(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
     root = sum(_param_bytes(p, held) for p in model.parameters() if id(p) not in in_blocks)
-    largest = max(sum(_param_bytes(p, held) for p in block.parameters()) for stack in stacks for block in stack)
+    largest = max(sum(_param_bytes(p, held) for p in block.parameters()) for block in blocks)
     with FakeTensorMode(allow_non_fake_inputs=True):
         # activations in the compute dtype: without autocast a 16-bit base computes in fp32
         _fake_parameters(model, held if autocast is not None else torch.float32)

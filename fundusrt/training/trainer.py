@@ -29,7 +29,7 @@ from fundusrt.models import load
 from fundusrt.models.layouts import native
 from fundusrt.models.lvlm import LVLM
 from fundusrt.training import distributed
-from fundusrt.training.adapters import merge_adapters, save_adapter, set_trainable, vision_blocks
+from fundusrt.training.adapters import merge_adapters, save_adapter, set_trainable, transformer_blocks
 from fundusrt.training.base import (
     NAMED_DTYPES,
     base_dtype,
@@ -223,10 +223,9 @@ class Trainer:
             for part in (self.model.language_model, self.model.vision):
                 _checkpoint_layers(part)
         self.model.to(self.device)
-        blocks = [*self.model.language_model.model.layers, *vision_blocks(self.model)]
         self.loss_module = distributed.wrap(
             LossModule(self.model, self.device, self.autocast_dtype, self.ranks.strategy == "fsdp", upcasts > 0),
-            self.ranks, blocks, self.device)
+            self.ranks, transformer_blocks(self.model), self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
