@@ -7,7 +7,6 @@ a minute) until it succeeds; the page shows its state. The AI's results are neve
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -17,8 +16,9 @@ from typing import Any
 
 from fundusrt._deps import require
 from fundusrt.dicom.signoff import build_signoff_sr
+from fundusrt.dicom.sr import save_dataset
 from fundusrt.node.sender import SendError
-from fundusrt.node.spool import durable_write
+from fundusrt.node.spool import fsync_dir
 from fundusrt.node.state import Signoff
 
 log = logging.getLogger("fundusrt.review")
@@ -49,9 +49,8 @@ def sign_off(source: Any, study: Any, eyes: Mapping[str, Mapping[str, str]], gra
     ai_sr = pydicom.dcmread(study.ai_sr_path)
     sr = build_signoff_sr(ai_sr, signed, {eye: report_eyes[eye]["images"] for eye in signed if eye in report_eyes},
                           grader, login, organization)
-    buffer = io.BytesIO()
-    sr.save_as(buffer, enforce_file_format=True)
-    path = durable_write(source.signoff_path(study, sr.SOPInstanceUID), buffer.getvalue())
+    path = save_dataset(sr, source.signoff_path(study, sr.SOPInstanceUID))
+    fsync_dir(path.parent)  # the new file's name is durable too before the page says "signed"
     record = Signoff(sr.SOPInstanceUID, study.study_uid, str(ai_sr.SOPInstanceUID), grader, time.time(), signed,
                      str(path), False, 0, "")
     source.state.add_signoff(record)
