@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from fundusrt.runtime.backends.base import PackageSessions, bind_context
+from fundusrt.runtime.backends.base import PackageSessions, bind_context, continuation_logits_by_forks
 from fundusrt.runtime.backends.tensorrt import GraphCache, KvSlots
 
 
@@ -63,6 +63,10 @@ class Decoder:
         self.context.require_current("fork")
         return Decoder(self.context, self.seq_len)
 
+    def continuation_logits(self, continuations: list[list[int]]) -> list[np.ndarray]:
+        self.context.require_current("continuation_logits")
+        return continuation_logits_by_forks(self, continuations)
+
 
 def open_on_this_thread(context: ThreadBoundContext) -> PackageSessions:
     context.activate()  # what the backend does while loading engines
@@ -83,6 +87,7 @@ def study_on_worker(sessions: PackageSessions) -> BaseException | None:
             fork = sessions.decoder.fork()
             fork.decode(1)
             assert (fork.seq_len, sessions.decoder.seq_len) == (4, 3)
+            assert [len(rows) for rows in sessions.decoder.continuation_logits([[1], [2, 3]])] == [1, 2]
         except BaseException as exc:  # handed to the test thread
             failure.append(exc)
 

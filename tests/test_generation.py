@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from fundusrt.runtime.backends.base import continuation_logits_by_forks
 from fundusrt.runtime.generation import TextStream, generate_tokens
 from fundusrt.runtime.sampling import make_sampler
 
@@ -45,6 +46,9 @@ class MarkovDecoder:
         other = MarkovDecoder(self.table)
         other._seq_len = self._seq_len
         return other
+
+    def continuation_logits(self, continuations: list[list[int]]) -> list[np.ndarray]:
+        return continuation_logits_by_forks(self, continuations)
 
 
 def _one_hot(ids: list[int]) -> np.ndarray:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -188,8 +187,10 @@ class Pipeline:
         """Free-text answers to `questions` and option scores of `tasks` (item id order), all on one image.
 
         The prompt up to the first difference between all prompts (system text, image tokens) is
-        prefilled once; each question and item continues from a fork of that cache, and each option
-        of an item from a fork of the item's prompt (the decoder protocol is batch 1).
+        prefilled once; each question and item continues from a fork of that cache. An option's first
+        token is scored from the item prompt's logits; the later tokens of all multi-token options of
+        an item advance together, in batched decoder calls from the item prompt's cache
+        (`DecoderSession.continuation_logits`).
         """
         prompts = [self.prompt_embeds(encoded, q) for q in [t[1] for t in tasks] + list(questions)]
         shared = _common_prefix([ids for ids, _ in prompts]) if len(prompts) > 1 else 0
@@ -213,13 +214,15 @@ class Pipeline:
             start = time.perf_counter()
             item_session = continuation()
             first = _log_softmax(item_session.prefill(embeds[:, shared:]))
+            # token k of an option is scored from the logits after its tokens before k
+            longer = [ids for ids in option_ids if len(ids) > 1]
+            later = iter(item_session.continuation_logits([ids[:-1] for ids in longer]))
             log_likelihoods = {}
             for option, ids in zip(options, option_ids, strict=True):
                 total = float(first[ids[0]])
-                if len(ids) > 1:  # later tokens need the earlier ones in the cache: a branch per option
-                    branch = item_session.fork()
-                    for previous, token in itertools.pairwise(ids):
-                        total += float(_log_softmax(branch.decode(previous))[token])
+                if len(ids) > 1:
+                    rows = next(later)
+                    total += sum(float(_log_softmax(row)[token]) for row, token in zip(rows, ids[1:], strict=True))
                 log_likelihoods[option] = total
             probs = probabilities(list(log_likelihoods.values()))
             scores[item_id] = ItemScore(item_id, log_likelihoods, dict(zip(options, probs.tolist(), strict=True)),

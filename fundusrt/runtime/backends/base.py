@@ -5,8 +5,9 @@ A backend turns a model package into four sessions: `Session`s for vision, conne
 lives in its own module, imported only when asked for by name, so that its heavy imports
 (onnxruntime, tensorrt, torch) never happen for the others.
 
-The decoder protocol is batch 1: a device runs one study at a time, and a fork is how several
-continuations of one prompt are generated.
+The decoder protocol is batch 1 for generation: a device runs one study at a time, and a fork is how
+several continuations of one prompt are generated. Scoring a closed question's options is the one batched
+step: `continuation_logits` advances all options together from one cache.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +67,37 @@ class DecoderSession(Protocol):
     def fork(self) -> DecoderSession:
         """An independent session starting from this one's cache; steps on either never affect the other."""
         ...
+
+    def continuation_logits(self, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """For each continuation (token ids, at least one), the logits after each of its tokens.
+
+        Every continuation starts from this session's cache, which is left unchanged: the array for
+        continuation c is (len(c), vocab), its row j the next-token logits after c[0..j]. A backend runs
+        them as one batch where its decoder takes one (`continuation_logits_by_forks` where it does not).
+        """
+        ...
+
+
+def check_continuations(decoder: DecoderSession, continuations: Sequence[Sequence[int]]) -> int:
+    """The longest continuation's length, after checking that each has a token and all fit the package."""
+    if any(len(tokens) == 0 for tokens in continuations):
+        raise ValueError("every continuation needs at least one token")
+    longest = max((len(tokens) for tokens in continuations), default=0)
+    if decoder.seq_len + longest > decoder.max_seq_len:
+        raise ValueError(f"sequence of {decoder.seq_len + longest} tokens exceeds the package's max_seq_len "
+                         f"{decoder.max_seq_len}")
+    return longest
+
+
+def continuation_logits_by_forks(decoder: DecoderSession, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """`DecoderSession.continuation_logits` for a decoder that only runs batch 1: a fork per continuation."""
+    check_continuations(decoder, continuations)
+    # each fork is dropped once its continuation is decoded, so a backend's KV slot pool reuses one slot
+    return [_decode_each(decoder.fork(), tokens) for tokens in continuations]
+
+
+def _decode_each(session: DecoderSession, tokens: Sequence[int]) -> np.ndarray:
+    return np.stack([session.decode(int(token)) for token in tokens])
 
 
 class DeviceContext(Protocol):
@@ -139,6 +171,10 @@ class _DecoderOnContext:
     def fork(self) -> _DecoderOnContext:
         self._context.activate()
         return _DecoderOnContext(self._decoder.fork(), self._context)
+
+    def continuation_logits(self, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        self._context.activate()
+        return self._decoder.continuation_logits(continuations)
 
 
 def bind_context(sessions: PackageSessions, context: DeviceContext) -> PackageSessions:

@@ -11,6 +11,12 @@ ORT values between steps, through IO binding:
   next step's `past_key_values.*` inputs without leaving ORT (on CUDA they stay on the GPU). Past values
   are never written to (every step allocates its presents from ORT's arena), so `fork()` shares them.
 - In `decode` the embed session's output is bound straight into the decoder.
+- `continuation_logits` (the options of a scored question) runs B = len(continuations) rows per decoder
+  call, one token of each per call (a builder decoder's LM head sees only the last position). The rows'
+  cache is built once from this session's: the past repeated B times ("concat"), or temporary in-place
+  buffers of B x (seq_len + longest) positions holding the prefix ("shared", not B x max_seq_len;
+  GroupQueryAttention takes the buffer length from the past's shape). The prefix goes through the host
+  once per layer for this copy.
 - With the CUDA providers, images are patchified on the GPU by fundusrt's CUDA kernels and the vision
   session reads the tiles by device pointer (IO binding): no host round trip for pixels.
 - copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id, mask and
@@ -19,6 +25,7 @@ ORT values between steps, through IO binding:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,7 @@ import numpy as np
 
 from fundusrt._deps import require
 from fundusrt.manifest import DecoderSpec, Manifest, PackageError
-from fundusrt.runtime.backends.base import BackendError, PackageSessions
+from fundusrt.runtime.backends.base import BackendError, PackageSessions, check_continuations
 from fundusrt.runtime.backends.profiles import with_trt_profiles
 
 ort = require("onnxruntime", "the ONNX Runtime backend")
@@ -162,26 +169,78 @@ class OrtDecoderSession:
 
     def decode(self, token_id: int) -> np.ndarray:
         """Embed `token_id` (on the device), append it to the cache and return the next logits (vocab,)."""
+        return self._step(self._embed_tokens(np.array([[token_id]], dtype=np.int64)), 1)
+
+    def continuation_logits(self, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """For each continuation, the logits after each of its tokens, all rows advancing together.
+
+        One decoder call per token position, over len(continuations) rows from a copy of this cache
+        (which is left unchanged). Shorter rows are padded on the right with token 0: attention is
+        causal, so padding never reaches a row's earlier positions, and its logits are dropped.
+        """
+        longest = check_continuations(self, continuations)
+        if not continuations:
+            return []
+        batch = len(continuations)
+        tokens = np.zeros((batch, longest), dtype=np.int64)
+        for row, continuation in enumerate(continuations):
+            tokens[row, :len(continuation)] = continuation
+        past = self._batched_past(batch, longest)
+        steps = []
+        for step in range(longest):
+            logits, presents = self._run(self._embed_tokens(tokens[:, step:step + 1]), past, self._seq_len + step, 1)
+            steps.append(logits[:, -1])
+            past = presents
+        logits = np.stack(steps, axis=1)  # (batch, longest, vocab)
+        return [logits[row, :len(continuation)] for row, continuation in enumerate(continuations)]
+
+    def _batched_past(self, batch: int, steps: int) -> list[Any]:
+        """This cache for `batch` rows: the past repeated, or in-place buffers with room for `steps` more."""
+        if not self._shared:
+            return [ort.OrtValue.ortvalue_from_numpy(np.repeat(value.numpy(), batch, axis=0), self._device, 0)
+                    for value in self._past]
+        spec, held = self._spec, self._seq_len
+        shape = (batch, spec.num_kv_heads, held + steps, spec.head_dim)
+        buffers = []
+        for value in self._past:
+            buffer = np.zeros(shape, dtype=self._kv_type)
+            buffer[:, :, :held] = value.numpy()[:, :, :held]
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(buffer, self._device, 0))
+        return buffers
+
+    def _embed_tokens(self, token_ids: np.ndarray) -> Any:
+        """The embeddings of `token_ids` (batch, seq), left on the decoder's device."""
         binding = self._embed.session.io_binding()
-        binding.bind_cpu_input(self._embed_input, np.array([[token_id]], dtype=np.int64))
+        binding.bind_cpu_input(self._embed_input, token_ids)
         binding.bind_output(self._embed_output, self._device)
         self._embed.session.run_with_iobinding(binding)
-        return self._step(binding.get_outputs()[0], 1)
+        return binding.get_outputs()[0]
 
     def _step(self, embeds: Any, seq: int) -> np.ndarray:
         total = self._seq_len + seq
         if total > self._spec.max_seq_len:
             raise ValueError(f"sequence of {total} tokens exceeds the package's max_seq_len "
                              f"{self._spec.max_seq_len}")
+        logits, self._past = self._run(embeds, self._past, self._seq_len, seq)
+        self._seq_len = total
+        return logits[0, -1]
+
+    def _run(self, embeds: Any, past: list[Any], past_len: int, seq: int) -> tuple[np.ndarray, list[Any]]:
+        """One decoder call: `seq` new positions per row after `past_len` cached ones (rows: embeds' batch).
+
+        Returns the logits (batch, positions, vocab) and the cache to continue from: the presents, or for
+        in-place buffers the same buffers, GroupQueryAttention having written the new positions into them.
+        """
+        batch, total = embeds.shape()[0], past_len + seq
         binding = self._session.io_binding()
         binding.bind_ortvalue_input(_EMBEDS, embeds)
-        binding.bind_cpu_input(_MASK, np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input(_MASK, np.ones((batch, total), dtype=np.int64))
         if self._has_positions:
-            binding.bind_cpu_input(_POSITIONS, np.arange(self._seq_len, total, dtype=np.int64)[None])
-        for name, value in zip(self._past_names, self._past, strict=True):
+            binding.bind_cpu_input(_POSITIONS, np.tile(np.arange(past_len, total, dtype=np.int64), (batch, 1)))
+        for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(_LOGITS, "cpu")
-        for name, value in zip(self._present_names, self._past, strict=True):
+        for name, value in zip(self._present_names, past, strict=True):
             if self._shared:  # the same buffer: GroupQueryAttention writes the new positions in place
                 binding.bind_ortvalue_output(name, value)
             else:
@@ -190,10 +249,9 @@ class OrtDecoderSession:
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         outputs = binding.get_outputs()
-        if not self._shared:
-            self._past = [outputs[i] for i in range(1, len(outputs))]
-        self._seq_len = total
-        return outputs[0].numpy().reshape(-1, outputs[0].shape()[-1])[-1]
+        logits = outputs[0].numpy()
+        presents = past if self._shared else [outputs[i] for i in range(1, len(outputs))]
+        return logits.reshape(batch, -1, logits.shape[-1]), presents
 
 
 def _session_options(threads: int | None) -> Any:

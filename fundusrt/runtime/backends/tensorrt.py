@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -38,7 +38,13 @@ import numpy as np
 
 from fundusrt._deps import MissingDependencyError, require
 from fundusrt.manifest import DecoderSpec, Manifest, PackageError, sha256_file
-from fundusrt.runtime.backends.base import BackendError, PackageSessions, Patchify, bind_context
+from fundusrt.runtime.backends.base import (
+    BackendError,
+    PackageSessions,
+    Patchify,
+    bind_context,
+    continuation_logits_by_forks,
+)
 
 TRT_KEY = "tensorrt"
 _ENGINE_COMPONENTS = ("vision", "connector", "embed", "decoder")
@@ -457,6 +463,14 @@ class TrtDecoderSession:
             family.device.copy(target.ptrs[key][0], source.ptrs[key][0], family.kv_bytes(self._seq_len))
         family.device.sync()
         return other
+
+    def continuation_logits(self, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """For each continuation, the logits after each of its tokens: a fork per continuation, one after another.
+
+        The engines' optimisation profiles are batch 1, so the rows cannot share a call here; the forks
+        reuse one KV slot of the family, and with `cuda_graph=True` their decode steps replay graphs.
+        """
+        return continuation_logits_by_forks(self, continuations)
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Append `inputs_embeds` (1, seq, hidden) to the cache; return the last position's logits (vocab,)."""
