@@ -216,7 +216,7 @@ class Pipeline:
             first = _log_softmax(item_session.prefill(embeds[:, shared:]))
             # token k of an option is scored from the logits after its tokens before k
             longer = [ids for ids in option_ids if len(ids) > 1]
-            later = iter(item_session.continuation_logits([ids[:-1] for ids in longer]))
+            later = iter(item_session.continuation_logits([ids[:-1] for ids in longer]) if longer else [])
             log_likelihoods = {}
             for option, ids in zip(options, option_ids, strict=True):
                 total = float(first[ids[0]])
