@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accuracy-level", type=int, default=4, choices=range(5), metavar="{0..4}",
                         help="MatMulNBits compute for weight-only modes: 4 = int8 dot products (default, fastest), "
                              "0 = fp32")
+    parser.add_argument("--awq", action=argparse.BooleanOptionalAction, default=True,
+                        help="weight-only modes: scale weights by an activation-aware search on the calibration "
+                             "set before rounding (default); --no-awq rounds them as they are (RTN)")
     parser.add_argument("--holdout", nargs="+", default=None,
                         help="held-out DICOM/image files for the accuracy gate (default: synthetic studies)")
     parser.add_argument("--max-images", type=int, default=32, help="calibration images used")
@@ -52,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         result = calibrate_package(
             args.package, args.images, args.out, prompts_file=args.prompts,
             options=QuantOptions(method=args.method, decoder=args.decoder, percentile=args.percentile,
-                                 block_size=args.block_size, accuracy_level=args.accuracy_level),
+                                 block_size=args.block_size, accuracy_level=args.accuracy_level, awq=args.awq),
             thresholds=thresholds,
             settings=CalibrationSettings(max_images=args.max_images, holdout_images=args.holdout_images,
                                          gate_tokens=args.gate_tokens),

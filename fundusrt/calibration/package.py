@@ -177,7 +177,8 @@ def _quantise(source: Path, manifest: Manifest, calib: CalibrationSet, options: 
                                    ranges_cache=cache / f"{component}-{options.ranges_tag()}-ranges.json")
         else:
             summary = quantize_weight_only(source / spec.file, out, int(mode[3]), options.block_size,
-                                           options.accuracy_level, dequantize_linear=mode.endswith("-dq"))
+                                           options.accuracy_level, dequantize_linear=mode.endswith("-dq"),
+                                           awq_feeds=calib.feeds[component] if options.awq else None)
         for old in (spec.file, *spec.data_files):
             (staging / old).unlink()
         data_files = {}

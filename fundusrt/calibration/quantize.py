@@ -44,6 +44,8 @@ class QuantOptions:
         accuracy_level: MatMulNBits compute type for the weight-only modes: 4 multiplies int8 activations
             by int8 weights on dot-product units (VNNI, NEON sdot), 50-70x faster than level 0 (fp32
             compute with the weights dequantised on every call) on an AVX-512 VNNI CPU; 0 keeps fp32.
+        awq: for the weight-only modes, scale weights by the activation-aware search on the recorded
+            decoder feeds before rounding (`fundusrt.calibration.awq`); False rounds them as they are (RTN).
     """
 
     method: str = "minmax"
@@ -51,6 +53,7 @@ class QuantOptions:
     percentile: float = 99.999
     block_size: int = 128
     accuracy_level: int = 4
+    awq: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,7 +73,7 @@ class QuantOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "decoder": self.decoder, "percentile": self.percentile,
-                "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+                "block_size": self.block_size, "accuracy_level": self.accuracy_level, "awq": self.awq}
 
 
 def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
@@ -159,24 +162,33 @@ def quantize_qdq(model_path: Path, out_path: Path, feeds: Sequence[dict[str, np.
 
 
 def quantize_weight_only(model_path: Path, out_path: Path, bits: int, block_size: int,
-                         accuracy_level: int, dequantize_linear: bool = False) -> dict[str, Any]:
+                         accuracy_level: int, dequantize_linear: bool = False,
+                         awq_feeds: Sequence[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Write a copy of `model_path` whose constant-weight MatMuls are MatMulNBits (`bits` = 4 or 8), or with
-    `dequantize_linear`, MatMuls fed by block-quantised INT4 DequantizeLinear (standard ONNX, for TensorRT)."""
+    `dequantize_linear`, MatMuls fed by block-quantised INT4 DequantizeLinear (standard ONNX, for TensorRT).
+
+    With `awq_feeds` (the decoder's recorded calibration feeds), weights are first scaled per input
+    channel by an activation-aware search (`fundusrt.calibration.awq`), then rounded.
+    """
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    from fundusrt.calibration import awq
+
     if dequantize_linear and bits != 4:
         raise CalibrationError("block-quantised DequantizeLinear weights are INT4 only (as TensorRT builds them)")
+    model = onnx.load(str(model_path))
+    scaling = awq.summary(awq.apply_awq(model, awq_feeds, bits, block_size)) if awq_feeds else None
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
                                           accuracy_level=accuracy_level or None,
                                           quant_format=QuantFormat.QDQ if dequantize_linear else QuantFormat.QOperator,
                                           op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     external = _uses_external_data(model_path)
     quantizer.model.save_model_to_file(str(out_path), use_external_data_format=external)
-    return _summary(out_path)
+    return {**_summary(out_path), "scaling": scaling or {"algorithm": "rtn"}}
 
 
 def _summary(path: Path) -> dict[str, Any]:
