@@ -11,12 +11,13 @@ ORT values between steps, through IO binding:
   next step's `past_key_values.*` inputs without leaving ORT (on CUDA they stay on the GPU). Past values
   are never written to (every step allocates its presents from ORT's arena), so `fork()` shares them.
 - In `decode` the embed session's output is bound straight into the decoder.
-- `continuation_logits` (the options of a scored question) runs B = len(continuations) rows per decoder
-  call, one token of each per call (a builder decoder's LM head sees only the last position). The rows'
-  cache is built once from this session's: the past repeated B times ("concat"), or temporary in-place
-  buffers of B x (seq_len + longest) positions holding the prefix ("shared", not B x max_seq_len;
-  GroupQueryAttention takes the buffer length from the past's shape). The prefix goes through the host
-  once per layer for this copy.
+- `continuation_logits` (the options of a scored question) runs one row per continuation in each
+  decoder call, one token of each row per call (both decoder flavours return the last position's
+  logits only). The rows' cache is built once from this session's: the past repeated per row
+  ("concat"), or temporary in-place buffers of rows x (seq_len + longest) positions holding the prefix
+  ("shared"; not rows x max_seq_len: GroupQueryAttention takes the buffer length from the past's
+  shape). The prefix goes through the host once per layer for this copy. Finished rows leave the batch
+  by binding only the leading rows of the cache (by pointer), so nothing is padded or copied again.
 - With the CUDA providers, images are patchified on the GPU by fundusrt's CUDA kernels and the vision
   session reads the tiles by device pointer (IO binding): no host round trip for pixels.
 - copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id, mask and
@@ -172,27 +173,29 @@ class OrtDecoderSession:
         return self._step(self._embed_tokens(np.array([[token_id]], dtype=np.int64)), 1)
 
     def continuation_logits(self, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """For each continuation, the logits after each of its tokens, all rows advancing together.
+        """For each continuation, the logits after each of its tokens, the continuations advancing together.
 
-        One decoder call per token position, over len(continuations) rows from a copy of this cache
-        (which is left unchanged). Shorter rows are padded on the right with token 0: attention is
-        causal, so padding never reaches a row's earlier positions, and its logits are dropped.
+        One decoder call per token position, each row one continuation, from a copy of this cache (which
+        is left unchanged). Rows go longest first and a row leaves the batch once its continuation is
+        done: the running rows are always the first ones of the batch's cache, and none is padded.
         """
-        longest = check_continuations(self, continuations)
+        check_continuations(self, continuations)
         if not continuations:
             return []
-        batch = len(continuations)
-        tokens = np.zeros((batch, longest), dtype=np.int64)
-        for row, continuation in enumerate(continuations):
-            tokens[row, :len(continuation)] = continuation
-        past = self._batched_past(batch, longest)
-        steps = []
-        for step in range(longest):
-            logits, presents = self._run(self._embed_tokens(tokens[:, step:step + 1]), past, self._seq_len + step, 1)
-            steps.append(logits[:, -1])
-            past = presents
-        logits = np.stack(steps, axis=1)  # (batch, longest, vocab)
-        return [logits[row, :len(continuation)] for row, continuation in enumerate(continuations)]
+        order = sorted(range(len(continuations)), key=lambda index: -len(continuations[index]))
+        rows = [list(continuations[index]) for index in order]
+        past = self._batched_past(len(rows), len(rows[0]))
+        logits: list[list[np.ndarray]] = [[] for _ in rows]
+        for step in range(len(rows[0])):
+            running = sum(len(row) > step for row in rows)
+            tokens = np.array([[row[step]] for row in rows[:running]], dtype=np.int64)
+            step_logits, past = self._run(self._embed_tokens(tokens), past, self._seq_len + step, 1)
+            for row in range(running):
+                logits[row].append(step_logits[row, -1])
+        result: list[np.ndarray] = [np.empty(0)] * len(rows)
+        for row, index in enumerate(order):
+            result[index] = np.stack(logits[row])
+        return result
 
     def _batched_past(self, batch: int, steps: int) -> list[Any]:
         """This cache for `batch` rows: the past repeated, or in-place buffers with room for `steps` more."""
@@ -238,11 +241,11 @@ class OrtDecoderSession:
         if self._has_positions:
             binding.bind_cpu_input(_POSITIONS, np.tile(np.arange(past_len, total, dtype=np.int64), (batch, 1)))
         for name, value in zip(self._past_names, past, strict=True):
-            binding.bind_ortvalue_input(name, value)
+            self._bind_rows(binding, name, value, batch, output=False)
         binding.bind_output(_LOGITS, "cpu")
         for name, value in zip(self._present_names, past, strict=True):
             if self._shared:  # the same buffer: GroupQueryAttention writes the new positions in place
-                binding.bind_ortvalue_output(name, value)
+                self._bind_rows(binding, name, value, batch, output=True)
             else:
                 binding.bind_output(name, self._device)
         binding.synchronize_inputs()
@@ -252,6 +255,14 @@ class OrtDecoderSession:
         logits = outputs[0].numpy()
         presents = past if self._shared else [outputs[i] for i in range(1, len(outputs))]
         return logits.reshape(batch, -1, logits.shape[-1]), presents
+
+    def _bind_rows(self, binding: Any, name: str, value: Any, rows: int, *, output: bool) -> None:
+        """Bind `value`, or only its first `rows` rows (a contiguous prefix: rows are the outer axis)."""
+        if value.shape()[0] == rows:
+            (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, value)
+            return
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self._device, 0, self._kv_type, [rows, *value.shape()[1:]], value.data_ptr())
 
 
 def _session_options(threads: int | None) -> Any:
