@@ -179,3 +179,45 @@ def test_streamed_weights_equal_the_builders_own_save(precision: str, tiny_packa
     assert sorted(our_weights) == sorted(their_weights)
     for name, array in their_weights.items():
         np.testing.assert_array_equal(our_weights[name], array, err_msg=name)
+
+
+def test_prepacked_weights_load_from_a_mapped_copy(packages: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Reference: the same package opened as it is (weights prepacked on the heap) gives the same logits."""
+    from fundusrt.manifest import Manifest
+    from fundusrt.runtime.backends import onnxruntime as backend
+
+    monkeypatch.setenv("FUNDUSRT_CACHE", str(tmp_path / "cache"))
+    manifest = Manifest.load(packages["int4"])
+    embeds = np.random.default_rng(0).standard_normal((1, 5, manifest.decoder.hidden_size)).astype(np.float32)
+
+    def run(min_bytes: int) -> tuple[str, list[np.ndarray]]:
+        sessions = backend.open_package(packages["int4"], manifest, threads=1, providers=["CPUExecutionProvider"],
+                                        prepacked_min_bytes=min_bytes)
+        decoder = sessions.decoder
+        logits = [decoder.prefill(embeds), decoder.decode(3), decoder.decode(7)]
+        return decoder._session._model_path, logits
+
+    source, expected = run(1 << 62)
+    copy, got = run(0)
+    assert Path(source).parent == packages["int4"] and Path(copy).parent.parent == tmp_path / "cache" / "ort-prepacked"
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-5, atol=1e-5)
+    copies = sorted((tmp_path / "cache" / "ort-prepacked").iterdir())
+    assert len(copies) == len(manifest.components) and all((c / "complete").is_file() for c in copies)
+    # the copy's data file holds the decoder's prepacked weights beside the original ones
+    decoder_spec = manifest.components["decoder"]
+    original = sum((packages["int4"] / f).stat().st_size for f in decoder_spec.data_files)
+    assert (Path(copy).parent / "decoder.onnx.data").stat().st_size > original
+    # a second open maps the same copies and writes nothing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")}
+    assert run(0)[0] == copy
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")} == before
+    # a cache that cannot be written: a warning, and the package loads as it is
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("FUNDUSRT_CACHE", str(blocked))
+    with caplog.at_level("WARNING"):
+        path, logits = run(0)
+    assert path == source and "cannot write the prepacked copy" in caplog.text
+    np.testing.assert_allclose(np.stack(logits), np.stack(expected), rtol=1e-6, atol=1e-6)

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from fundusrt._deps import require
-from fundusrt.manifest import DecoderSpec, Manifest, PackageError
+from fundusrt.manifest import ComponentSpec, DecoderSpec, Manifest, PackageError
+from fundusrt.runtime.backends import prepacked
 from fundusrt.runtime.backends.base import BackendError, PackageSessions, check_continuations
 from fundusrt.runtime.backends.profiles import with_trt_profiles
 
@@ -278,9 +279,16 @@ def _session_options(threads: int | None) -> Any:
     return options
 
 
-def _create(path: Path, component: str, providers: list[str], threads: int | None) -> Any:
+def _create(path: Path, component: str, providers: list[str], threads: int | None,
+            spec: ComponentSpec | None = None) -> Any:
+    """A session for one component; with `spec`, from its copy whose prepacked weights are mapped (CPU only)."""
+    options = _session_options(threads)
+    copy = prepacked.mapped_copy(ort, path, spec, component, lambda: _session_options(threads)) if spec else None
+    if copy is not None:
+        path = copy
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised when saved
     try:
-        return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
         raise PackageError(f"ONNX Runtime cannot load {component} ({path.name}): {exc}") from exc
 
@@ -294,13 +302,19 @@ def _check_io(session: Any, manifest: Manifest, component: str) -> None:
                            "re-export the package")
 
 
-def open_package(package_dir: Path, manifest: Manifest, *, threads: int | None,
-                 providers: list[str]) -> PackageSessions:
-    """Create the four sessions of a package (once; they are reused for every image and token)."""
+def open_package(package_dir: Path, manifest: Manifest, *, threads: int | None, providers: list[str],
+                 prepacked_min_bytes: int = prepacked.MIN_BYTES) -> PackageSessions:
+    """Create the four sessions of a package (once; they are reused for every image and token).
+
+    On the CPU provider, components of at least `prepacked_min_bytes` load from a cached copy whose
+    prepacked weights are memory-mapped (`fundusrt.runtime.backends.prepacked`).
+    """
     raw = {}
     for component, spec in manifest.components.items():
+        mapped = (providers == ["CPUExecutionProvider"]
+                  and prepacked.component_bytes(package_dir, spec) >= prepacked_min_bytes)
         raw[component] = _create(package_dir / spec.file, component, with_trt_profiles(providers, manifest, component),
-                                 threads)
+                                 threads, spec if mapped else None)
         _check_io(raw[component], manifest, component)
     device = _DEVICE_FOR_PROVIDER.get(raw["decoder"].get_providers()[0], "cpu")
     embed = OrtSession(raw["embed"], "embed")
