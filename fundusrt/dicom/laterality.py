@@ -30,6 +30,9 @@ _DISC_FRACTION = 0.12
 _SURROUND_RADII = 3
 # pixels this far out (fraction of the radius) are left out: the rim is vignetted and flared
 _INNER_FRACTION = 0.92
+# field pixels are those brighter than this fraction of the 90th luma percentile, within these bounds
+# (as fundusrt.kernels.roi's automatic threshold: above a black surround, below a dark exposure's retina)
+_FIELD_FRACTION, _FIELD_MIN, _FIELD_MAX = 0.25, 6.0, 20.0
 # horizontal disc offset (fraction of the radius) below which the side is unknown (disc-centred),
 # and above which the offset alone is fully convincing; in between the confidence ramps up
 _CENTRED_OFFSET, _CLEAR_OFFSET = 0.2, 0.4
@@ -73,9 +76,9 @@ def image_laterality(image: np.ndarray) -> ImageLaterality:
         ValueError: the image is not a non-empty (H, W, 3) uint8 array.
     """
     roi = find_fundus_roi(image)
-    if roi is None:
-        return ImageLaterality(UNKNOWN, 0.0, None, "no field of view found")
-    x0, y0, x1, y1 = roi
+    # no dark surround at all (a field cropped to fill the frame) leaves the whole frame as the field;
+    # a black or blank frame then finds no disc below
+    x0, y0, x1, y1 = roi if roi is not None else (0, 0, image.shape[1], image.shape[0])
     # fields cut at the top and bottom keep their full width: the diameter is the long side
     radius = max(x1 - x0, y1 - y0) / 2.0
     step = max(1, round(2.0 * radius / _WORK_SIDE))
@@ -85,7 +88,11 @@ def image_laterality(image: np.ndarray) -> ImageLaterality:
     centre_x, centre_y = (x1 - x0) / 2.0 / step - 0.5, (y1 - y0) / 2.0 / step - 0.5
     work_radius = radius / step
     yy, xx = np.mgrid[0:rows, 0:cols]
-    inside = np.hypot(xx - centre_x, yy - centre_y) <= _INNER_FRACTION * work_radius
+    # the round field less what is dark in it: a field cut by a straight or slanted edge, or set in a
+    # rectangle, leaves black inside the circle, and a disc box must not count that as dim surround
+    threshold = float(np.clip(_FIELD_FRACTION * np.percentile(luma, 90), _FIELD_MIN, _FIELD_MAX))
+    inside = (np.hypot(xx - centre_x, yy - centre_y) <= _INNER_FRACTION * work_radius) & (luma > threshold)
+    inside = _erode(inside, 1)
     if inside.sum() < 100:
         return ImageLaterality(UNKNOWN, 0.0, None, "field of view too small")
 
