@@ -280,3 +280,31 @@ def test_cosine_matches_the_formula() -> None:
     expected = float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
     assert cosine(a.astype(np.float32), b.astype(np.float32)) == pytest.approx(expected, rel=1e-6)
     assert cosine(np.zeros(3), np.zeros(3)) == 1.0 and cosine(np.zeros(3), np.ones(3)) == 0.0
+
+
+def test_builder_decoder_package_gets_int8_vision_and_keeps_its_decoder(work, tmp_path: Path) -> None:
+    """A package whose decoder onnxruntime-genai's builder already quantised: vision and connector are calibrated,
+    the decoder file is kept byte for byte, and the gate judges the whole package against its source."""
+    pytest.importorskip("onnxruntime_genai")
+    from fundusrt.export import export_package
+    from fundusrt.export.genai import GenaiDecoderOptions
+
+    source = Path(export_package(work["root"] / "ckpt", tmp_path / "int4", max_seq_len=512,
+                                 genai_decoder=GenaiDecoderOptions(precision="int4")))
+    with pytest.raises(CalibrationError, match="pass --decoder fp32"):
+        calibrate_package(source, [work["studies"]], tmp_path / "refused", settings=SETTINGS,
+                          holdout=[work["holdout"]], cache_dir=tmp_path / "cache", threads=1)
+    result = calibrate_package(source, [work["studies"]], tmp_path / "out", thresholds=LENIENT,
+                               options=QuantOptions(decoder="fp32"), settings=SETTINGS, holdout=[work["holdout"]],
+                               cache_dir=tmp_path / "cache", threads=1)
+    before, after = Manifest.load(source), Manifest.load(result.package_dir)
+    assert after.precision == "int8-qdq+decoder-int4"
+    assert after.components["decoder"] == before.components["decoder"]
+    for component in ("vision", "connector"):
+        model = onnx.load(str(result.package_dir / after.components[component].file))
+        assert any(n.op_type == "QuantizeLinear" for n in model.graph.node), component
+    quantisation = after.extra["quantization"]
+    assert quantisation["components"]["decoder"] == {"mode": "fp32"}
+    assert quantisation["calibration"]["decoder_samples"] == 0
+    gate = after.extra["accuracy_gate"]
+    assert gate["passed"] and gate["figures"]["tokens"]["answers"] > 0

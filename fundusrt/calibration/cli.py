@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", choices=DECODER_MODES, default="qdq",
                         help="decoder quantisation: static Q/DQ INT8 (TensorRT and ORT), weight-only "
                              "int8/int4 MatMulNBits (ONNX Runtime), weight-only INT4 as block-quantised "
-                             "DequantizeLinear (int4-dq: standard ONNX opset 21, for TensorRT), or fp32")
+                             "DequantizeLinear (int4-dq: standard ONNX opset 21, for TensorRT), or fp32 (left as "
+                             "exported; the choice for a package whose decoder `fundusrt export --decoder int4` built)")
     parser.add_argument("--block-size", type=int, default=128, help="weights per block for weight-only modes")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=range(5), metavar="{0..4}",
                         help="MatMulNBits compute for weight-only modes: 4 = int8 dot products (default, fastest), "

@@ -134,8 +134,8 @@ def _holdout_images(holdout: Sequence[str | Path] | None, settings: CalibrationS
 
 
 def _calibration_set(fp32: Pipeline, files: Sequence[Path], prompts: list, settings: CalibrationSettings,
-                     cache_dir: Path) -> tuple[CalibrationSet, Path, bool]:
-    key = calibration_key(fp32.manifest_sha256, files, prompts, settings.recording())
+                     cache_dir: Path, record_decoder: bool) -> tuple[CalibrationSet, Path, bool]:
+    key = calibration_key(fp32.manifest_sha256, files, prompts, {**settings.recording(), "decoder": record_decoder})
     directory = cache_dir / key[:32]
     cached = CalibrationSet.load(directory, key)
     if cached is not None:
@@ -143,7 +143,7 @@ def _calibration_set(fp32: Pipeline, files: Sequence[Path], prompts: list, setti
     images = _decode_images(files, settings.max_images, "calibration files")
     recorded = record_calibration_set(
         fp32, images, prompts, key=key, prompts_per_image=settings.prompts_per_image,
-        decode_steps=settings.decode_steps,
+        decode_steps=settings.decode_steps, record_decoder=record_decoder,
         info={"images": len(images), "files": len(files), "prompts": len(prompts)})
     recorded.save(directory)
     return recorded, directory, False
@@ -193,6 +193,22 @@ def _quantise(source: Path, manifest: Manifest, calib: CalibrationSet, options: 
     return summaries
 
 
+def _kept_decoder(manifest: Manifest, options: QuantOptions, source: Path) -> str | None:
+    """None for an fp32 package (everything may be quantised); for a package whose decoder onnxruntime-genai's
+    builder already made ("fp32+decoder-int4"), that decoder's precision: only vision and connector are
+    quantised then, and the decoder is kept as it is (`--decoder fp32`)."""
+    if manifest.precision == "fp32":
+        return None
+    prefix = "fp32+decoder-"
+    if manifest.precision.startswith(prefix) and manifest.decoder.kv_cache == "shared":
+        if options.decoder != "fp32":
+            raise CalibrationError(f"{source}'s decoder was built and quantised by onnxruntime-genai's builder "
+                                   f"({manifest.precision}); pass --decoder fp32 to quantise vision and connector "
+                                   "and keep that decoder")
+        return manifest.precision[len(prefix):]
+    raise CalibrationError(f"{source} is a {manifest.precision} package; calibrate the fp32 export")
+
+
 def calibrate_package(
     package_dir: str | Path,
     sources: Sequence[str | Path],
@@ -236,11 +252,11 @@ def calibrate_package(
     if out.resolve() == source.resolve():
         raise CalibrationError("--out must differ from the fp32 package")
     fp32 = load_package(source, "ort-cpu", threads=threads)
-    if fp32.manifest.precision != "fp32":
-        raise CalibrationError(f"{source} is a {fp32.manifest.precision} package; calibrate the fp32 export")
+    kept_decoder = _kept_decoder(fp32.manifest, options, source)
     prompts = load_prompts(prompts_file, fp32.default_questions)
     files = source_files(sources)
-    calib, cache, hit = _calibration_set(fp32, files, prompts, settings, Path(cache_dir or default_cache_dir()))
+    calib, cache, hit = _calibration_set(fp32, files, prompts, settings, Path(cache_dir or default_cache_dir()),
+                                         record_decoder=kept_decoder is None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
@@ -248,12 +264,13 @@ def calibrate_package(
         shutil.copytree(source, staging, dirs_exist_ok=True)
         manifest = Manifest.load(staging)
         summaries = _quantise(source, manifest, calib, options, staging, cache)
-        manifest.precision = "int8-qdq" if options.decoder == "qdq" else f"int8-qdq+decoder-{options.decoder}"
+        manifest.precision = ("int8-qdq" if options.decoder == "qdq"
+                              else f"int8-qdq+decoder-{kept_decoder or options.decoder}")
         manifest.tool_versions = {**manifest.tool_versions, **_tool_versions()}
         manifest.extra[QUANTIZATION_KEY] = {
             **options.to_dict(), "format": "QDQ", "activations": "int8 symmetric per-tensor",
             "weights": "int8 symmetric per-channel", "components": summaries,
-            "calibration": {**calib.info, "key": calib.key, "decoder_samples": len(calib.feeds["decoder"])},
+            "calibration": {**calib.info, "key": calib.key, "decoder_samples": len(calib.feeds.get("decoder", []))},
             "source_package": {"name": fp32.manifest.name, "manifest_sha256": fp32.manifest_sha256},
         }
         manifest.save(staging)

@@ -74,7 +74,7 @@ class DecoderFeeds:
 
 
 def record_calibration_set(pipe: Pipeline, images: Sequence[SourceImage], prompts: Sequence[Prompt], *,
-                           key: str, prompts_per_image: int, decode_steps: int,
+                           key: str, prompts_per_image: int, decode_steps: int, record_decoder: bool = True,
                            info: dict[str, Any] | None = None) -> CalibrationSet:
     """Run the fp32 pipeline over `images` and `prompts` and record every quantised component's feeds.
 
@@ -88,10 +88,13 @@ def record_calibration_set(pipe: Pipeline, images: Sequence[SourceImage], prompt
         key: the cache key this set is stored under.
         prompts_per_image: prompts asked per image (>= 1).
         decode_steps: greedy decode steps recorded after each prefill (>= 0).
+        record_decoder: False records vision and connector only (a decoder that is not to be quantised,
+            such as onnxruntime-genai's, whose feeds this recorder does not drive).
         info: provenance stored with the set.
     """
     spec = pipe.manifest.decoder
-    decoder = DecoderFeeds(pipe.package_dir / pipe.manifest.components["decoder"].file, spec)
+    decoder_file = pipe.package_dir / pipe.manifest.components["decoder"].file
+    decoder = DecoderFeeds(decoder_file, spec) if record_decoder else None
     embed_spec = pipe.manifest.components["embed"]
     vision, connector = _RecordingSession(pipe.sessions.vision), _RecordingSession(pipe.sessions.connector)
     original = pipe.sessions.vision, pipe.sessions.connector
@@ -105,7 +108,7 @@ def record_calibration_set(pipe: Pipeline, images: Sequence[SourceImage], prompt
             except ValueError as exc:  # an image the tiling rejects must not stop the set
                 skipped.append(f"{image.source}: {exc}")
                 continue
-            for j in range(prompts_per_image):
+            for j in range(prompts_per_image if decoder else 0):
                 prompt = prompts[(index + j) % len(prompts)]
                 try:
                     _, embeds = pipe.prompt_embeds(encoded, prompt.text())
@@ -126,6 +129,6 @@ def record_calibration_set(pipe: Pipeline, images: Sequence[SourceImage], prompt
     for reason in skipped:
         logger.warning("calibration skipped %s", reason)
     return CalibrationSet(
-        feeds={"vision": vision.feeds, "connector": connector.feeds, "decoder": decoder_feeds},
+        feeds={"vision": vision.feeds, "connector": connector.feeds} | ({"decoder": decoder_feeds} if decoder else {}),
         key=key, info={**(info or {}), "skipped": skipped},
     )
