@@ -72,6 +72,8 @@ def mapped_copy(ort: Any, source: Path, spec: ComponentSpec, component: str,
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         try:
             settings = options()
+            # ORT warns that a saved optimised model fits only the machine it was made on: the key says as much
+            settings.log_severity_level = 3
             settings.optimized_model_filepath = str(staging / model.name)
             settings.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                               f"{model.name}.data")
