@@ -57,14 +57,16 @@ def _bf16_bytes(name: str, shape: tuple[int, ...], rng: np.random.Generator, row
         yield (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
 
 
-def write_checkpoint(root: Path, seed: int = 0) -> int:
-    """Write the checkpoint (safetensors has no streaming writer: headers are computed, data appended)."""
+def write_checkpoint(root: Path, seed: int = 0, vision: dict = VISION, llm: dict = LLM) -> int:
+    """Write the checkpoint (safetensors has no streaming writer: headers are computed, data appended); returns
+    its weight bytes. `vision` / `llm` are the InternVL chat vision_config / llm_config (InternLM2 or Qwen2)."""
     from fundusrt.models.layouts.internvl_chat import tensor_shapes
     from fundusrt.models.tokenizer import build_tokenizer
     from tokenizers import AddedToken
 
     root.mkdir(parents=True, exist_ok=True)
-    shapes = tensor_shapes(VISION, LLM, internlm2=True)
+    internlm2 = llm["model_type"] == "internlm2"
+    shapes = tensor_shapes(vision, llm, internlm2=internlm2)
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(shapes):
@@ -99,13 +101,14 @@ def write_checkpoint(root: Path, seed: int = 0) -> int:
         "downsample_ratio": 0.5, "force_image_size": 448, "ps_version": "v2", "select_layer": -1,
         "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
         "pad2square": False, "use_backbone_lora": 0, "use_llm_lora": 0, "tie_word_embeddings": False,
-        "hidden_size": LLM["hidden_size"], "torch_dtype": "bfloat16", "vision_config": VISION, "llm_config": LLM,
+        "hidden_size": llm["hidden_size"], "torch_dtype": "bfloat16", "vision_config": vision, "llm_config": llm,
     }
     (root / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+    if internlm2:  # InternLM2 prompts start with <s>; Qwen2's have no BOS
+        tokenizer.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
     (root / "tokenizer.json").write_text(tokenizer.to_str())
-    (root / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>"}))
+    (root / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": internlm2, "bos_token": "<s>"}))
     return total
 
 

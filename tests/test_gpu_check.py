@@ -1,4 +1,9 @@
-"""scripts/gpu-check and the CUDA patching benchmark: what can be checked on a machine without a GPU."""
+"""scripts/gpu-check and the CUDA patching benchmark: what can be checked on a machine without a GPU.
+
+The mini step runs here at its tiny size (the mini's 448 px tile and 151,674-token vocabulary, 2-layer
+towers) with ORT CPU on both sides: the checkpoint writer, `fundusrt export`, the saved CPU reference and
+the comparison are the ones the GPU run uses; only the second backend differs.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fundusrt.doctor import read_cuda_driver
+from fundusrt.runtime.backends.base import unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,3 +40,48 @@ def test_cuda_patching_benchmark_starts() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--json" in proc.stdout
+
+
+def _step(step: str, work: Path, out: Path, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu-check"), "--step", step, "--size", "tiny",
+                           "--work", str(work), "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_mini_step_on_the_cpu_builds_once_and_compares(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    cpu = _step("mini-cpu", work, tmp_path / "cpu.json")
+    assert cpu["ok"], cpu
+    build = cpu["build"]
+    assert "reused" not in build and build["export_s"] > 0 and build["package_gib"] > 0
+    manifest = json.loads((work / "mini-tiny" / "package" / "manifest.json").read_text())
+    # the real InternVL chat layout, exported in fp16 with the mini's vocabulary and one 256-token tile
+    assert manifest["source"]["layout"] == "internvl_chat" and manifest["precision"] == "fp16"
+    assert manifest["decoder"]["vocab_size"] == 151674 and manifest["preprocessing"]["max_tiles"] == 1
+
+    report = _step("mini", work, tmp_path / "mini.json", "--against", "ort-cpu")
+    assert report["ok"], report
+    assert report["build"]["reused"] is True
+    assert report["reference"] == cpu["reference"]  # the saved CPU run, read back rather than run again
+    assert report["token_parity"] and report["questions_identical"] == 1
+    assert report["first_token_logits_max_abs_diff"] == 0.0
+    assert report["first_token_logits_cosine"] == pytest.approx(1.0)
+    reference, compared = report["reference"], report["compared"]
+    assert reference["tokens"] == compared["tokens"] and 1 <= len(reference["tokens"]) <= 16
+    assert report["reference_distinct_tokens"] == len(set(reference["tokens"]))
+    assert report["reference_first_token_margin"] >= 0
+    for figures in (reference, compared):
+        assert figures["backend"] == "ort-cpu" and figures["prompt_tokens"] > 256
+        assert 0 < figures["vision_ms_per_tile"] < figures["ttft_ms"]
+        assert figures["decode_steps"] in (len(reference["tokens"]) - 1, len(reference["tokens"]))
+        assert figures["decode_steps"] == 0 or figures["decode_tok_s"] > 0
+
+
+def test_mini_step_without_onnxruntime_cuda_says_why_and_builds_nothing(tmp_path: Path) -> None:
+    if unavailable_reason("ort-cuda") is None:
+        pytest.skip("ort-cuda can run here: the full scripts/gpu-check covers the mini step")
+    report = _step("mini", tmp_path / "work", tmp_path / "mini.json")
+    assert report["ok"] is False and report["error"] == unavailable_reason("ort-cuda")
+    assert not (tmp_path / "work" / "mini-tiny").exists()
