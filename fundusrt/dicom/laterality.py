@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fundusrt.kernels.roi import find_fundus_roi
+from fundusrt.kernels.roi import auto_threshold, find_fundus_roi
 
 UNKNOWN = "unknown"
 # at or above this image confidence a disagreement with the tag is flagged as a mismatch
@@ -30,9 +30,6 @@ _DISC_FRACTION = 0.12
 _SURROUND_RADII = 3
 # pixels this far out (fraction of the radius) are left out: the rim is vignetted and flared
 _INNER_FRACTION = 0.92
-# field pixels are those brighter than this fraction of the 90th luma percentile, within these bounds
-# (as fundusrt.kernels.roi's automatic threshold: above a black surround, below a dark exposure's retina)
-_FIELD_FRACTION, _FIELD_MIN, _FIELD_MAX = 0.25, 6.0, 20.0
 # horizontal disc offset (fraction of the radius) below which the side is unknown (disc-centred),
 # and above which the offset alone is fully convincing; in between the confidence ramps up
 _CENTRED_OFFSET, _CLEAR_OFFSET = 0.2, 0.4
@@ -90,7 +87,7 @@ def image_laterality(image: np.ndarray) -> ImageLaterality:
     yy, xx = np.mgrid[0:rows, 0:cols]
     # the round field less what is dark in it: a field cut by a straight or slanted edge, or set in a
     # rectangle, leaves black inside the circle, and a disc box must not count that as dim surround
-    threshold = float(np.clip(_FIELD_FRACTION * np.percentile(luma, 90), _FIELD_MIN, _FIELD_MAX))
+    threshold = auto_threshold(float(np.percentile(luma, 90)))  # field pixels: as the ROI finder's retina
     inside = (np.hypot(xx - centre_x, yy - centre_y) <= _INNER_FRACTION * work_radius) & (luma > threshold)
     inside = _erode(inside, 1)
     if inside.sum() < 100:

@@ -82,6 +82,12 @@ def find_fundus_roi(image: np.ndarray, threshold: float | None = None) -> tuple[
     return roi_from_sample(image[::step, ::step], step, height, width, threshold)
 
 
+def auto_threshold(luma_p90: float) -> float:
+    """The luma (0-255) above which a pixel is retina rather than black surround, from the picture's 90th
+    luma percentile."""
+    return float(np.clip(_AUTO_FRACTION * luma_p90, _AUTO_MIN, _AUTO_MAX))
+
+
 def roi_from_sample(
     sample: np.ndarray, step: int, height: int, width: int, threshold: float | None = None
 ) -> tuple[int, int, int, int] | None:
@@ -95,7 +101,7 @@ def roi_from_sample(
     """
     luma = sample.astype(np.int32) @ _LUMA_X1000
     if threshold is None:
-        threshold = float(np.clip(_AUTO_FRACTION * np.percentile(luma, 90) / 1000.0, _AUTO_MIN, _AUTO_MAX))
+        threshold = auto_threshold(np.percentile(luma, 90) / 1000.0)
     bright = luma > 1000 * threshold
     channels = sample.astype(np.int16)
     red = channels[..., 0] > np.maximum(channels[..., 1], channels[..., 2]) + _RED_MARGIN
