@@ -19,8 +19,8 @@ ORT values between steps, through IO binding:
   shape). The prefix goes through the host once per layer for this copy. Finished rows leave the batch
   by binding only the leading rows of the cache (by pointer), so nothing is padded or copied again.
   fp32 decoders give each row the logits of a batch-1 step; int8/int4 MatMulNBits decoders take another
-  kernel path for several rows, so their logits differ by that kernel's rounding (no closer to or
-  further from fp32 than a batch-1 step's).
+  kernel path for several rows, so their logits differ by that kernel's rounding (measured: as close
+  to fp32 as a batch-1 step's).
 - With the CUDA providers, images are patchified on the GPU by fundusrt's CUDA kernels and the vision
   session reads the tiles by device pointer (IO binding): no host round trip for pixels.
 - copied: the prompt embeddings in `prefill` (host -> device once per prompt), the token id, mask and
