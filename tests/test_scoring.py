@@ -1,7 +1,8 @@
 """Option scoring (the probability of each closed answer) against a direct PyTorch computation.
 
 The reference runs the PyTorch model once over prompt + option with no cache and sums the log-softmax
-of the option's tokens; the runtime scores from the image's shared KV prefix with forks per option.
+of the option's tokens; the runtime scores from the image's shared KV prefix, an item's multi-token options
+in batched decoder calls.
 """
 
 from __future__ import annotations
