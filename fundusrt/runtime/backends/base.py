@@ -7,7 +7,8 @@ lives in its own module, imported only when asked for by name, so that its heavy
 
 The decoder protocol is batch 1 for generation: a device runs one study at a time, and a fork is how
 several continuations of one prompt are generated. Scoring a closed question's options is the one batched
-step: `continuation_logits` advances all options together from one cache.
+step: `continuation_logits` advances all options together from one cache, in one batch of rows where the
+backend's decoder takes one.
 """
 
 from __future__ import annotations
