@@ -79,9 +79,14 @@ def test_mini_step_on_the_cpu_builds_once_and_compares(tmp_path: Path) -> None:
         assert figures["decode_steps"] == 0 or figures["decode_tok_s"] > 0
 
 
-def test_mini_step_without_onnxruntime_cuda_says_why_and_builds_nothing(tmp_path: Path) -> None:
-    if unavailable_reason("ort-cuda") is None:
-        pytest.skip("ort-cuda can run here: the full scripts/gpu-check covers the mini step")
-    report = _step("mini", tmp_path / "work", tmp_path / "mini.json")
-    assert report["ok"] is False and report["error"] == unavailable_reason("ort-cuda")
-    assert not (tmp_path / "work" / "mini-tiny").exists()
+@pytest.mark.parametrize(("step", "backend"), [("ort-cuda", "ort-cuda"), ("mini", "ort-cuda"), ("tensorrt", "trt")])
+def test_a_step_this_machine_cannot_run_says_why_and_builds_nothing(tmp_path: Path, step: str, backend: str) -> None:
+    """A CPU build of onnxruntime (no CUDA provider) and no tensorrt: the step is skipped with the backend's own
+    reason (what to install), not run and failed; a full run lists it under `skipped`, outside `ok`."""
+    reason = unavailable_reason(backend)
+    if reason is None:
+        pytest.skip(f"{backend} can run here: the full scripts/gpu-check covers the {step} step")
+    work = tmp_path / "work"
+    report = _step(step, work, tmp_path / f"{step}.json")
+    assert report == {"ok": False, "skipped": reason}
+    assert list(work.iterdir()) == []  # no demo or mini package was exported for it
