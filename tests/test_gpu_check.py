@@ -2,17 +2,24 @@
 
 The mini step runs here at its tiny size (the mini's 448 px tile and 151,674-token vocabulary, 2-layer
 towers) with ORT CPU on both sides: the checkpoint writer, `fundusrt export`, the saved CPU reference and
-the comparison are the ones the GPU run uses; only the second backend differs.
+the comparison are the ones the GPU run uses; only the second backend differs. scripts/gpu-wheels' stable-ABI
+build of the resampler (what an uninstalled checkout uses on another Python) is built and compared with Pillow.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fundusrt.doctor import read_cuda_driver
 from fundusrt.runtime.backends.base import unavailable_reason
@@ -90,3 +97,34 @@ def test_a_step_this_machine_cannot_run_says_why_and_builds_nothing(tmp_path: Pa
     report = _step(step, work, tmp_path / f"{step}.json")
     assert report == {"ok": False, "skipped": reason}
     assert list(work.iterdir()) == []  # no demo or mini package was exported for it
+
+
+def _script_module(name: str):
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(ROOT / "scripts" / name))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_gpu_wheels_resampler_on_the_stable_abi_is_pillow_exact(tmp_path: Path, monkeypatch) -> None:
+    """The abi3 build loads on any CPython >= 3.11 (the checkout's own build only on this one): the C source
+    must stay within the limited API, and the build keeps pyproject's flags (Pillow-exact output)."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (scripts/setup installs build-essential)")
+    wheels = _script_module("gpu-wheels")
+    built = wheels.build_resampler(tomllib.loads((ROOT / "pyproject.toml").read_text()), tmp_path)
+    assert built.name == "_resample.abi3.so"
+    spec = importlib.util.spec_from_file_location("_resample", built)
+    abi3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(abi3)
+
+    from fundusrt.kernels import resample
+
+    monkeypatch.setattr(resample, "_resample", abi3)  # resize_bicubic's RGB and RGBX paths on the abi3 build
+    rng = np.random.default_rng(0)
+    for (w, h), size in [((640, 480), (448, 448)), ((300, 900), (448, 160)), ((97, 53), (224, 224))]:
+        rgbx = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        image = np.ascontiguousarray(rgbx[..., :3])
+        expected = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+        np.testing.assert_array_equal(resample.resize_bicubic(image, size), expected)
+        np.testing.assert_array_equal(resample.resize_bicubic(rgbx[..., :3], size), expected)
