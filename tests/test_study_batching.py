@@ -93,3 +93,29 @@ def test_run_study_batched_gives_the_answers_of_one_image_at_a_time(pipe: Pipeli
             for option, p in result["probabilities"].items():
                 assert p == pytest.approx(ref.items[item_id]["probabilities"][option], abs=1e-5)
     assert together.screening["decision"] == alone.screening["decision"]
+
+
+def test_run_tiles_per_call_option(tiny_package, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`fundusrt run --tiles-per-call 1` reports what the default batched run reports; 0 is refused."""
+    import json
+
+    from fundusrt.cli import main
+    from fundusrt.synth import write_study
+
+    package = tiny_package("siglip-dense", seed=0)[1]
+    study = write_study(tmp_path / "study", seed=4, size=(320, 256)).out_dir
+    reports = []
+    for extra in ([], ["--tiles-per-call", "1"]):
+        out = tmp_path / f"report{len(reports)}.json"
+        assert main(["run", str(study), "--package", str(package), "--max-new-tokens", "4", "--json", str(out),
+                     *extra]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["eyes"] and reports[0]["screening"]["decision"] == reports[1]["screening"]["decision"]
+    for eye in reports[0]["eyes"]:
+        for item_id, item in reports[0]["eyes"][eye]["items"].items():
+            other = reports[1]["eyes"][eye]["items"][item_id]
+            assert item["answer"] == other["answer"]
+            assert item["probabilities"] == pytest.approx(other["probabilities"], abs=1e-5)
+    capsys.readouterr()
+    assert main(["run", str(study), "--package", str(package), "--tiles-per-call", "0"]) == 1
+    assert "--tiles-per-call must be at least 1" in capsys.readouterr().err

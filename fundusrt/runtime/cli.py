@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pdf", action="store_true", help="with --dicom-out or --stow: add an Encapsulated PDF report")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (128)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads per session")
+    parser.add_argument("--tiles-per-call", type=int, default=None, metavar="N",
+                        help="most tiles of a study's images sent through the vision tower in one call (default "
+                             "16; 1 encodes one image at a time, which bounds the tower's activation memory)")
     parser.add_argument("--backend", default="ort-cpu", choices=sorted(BACKENDS), help="inference backend (ort-cpu)")
 
 
@@ -52,6 +55,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
         pipeline = load_package(args.package, backend=args.backend, threads=args.threads, protocol=args.protocol)
+        if args.tiles_per_call is not None:
+            if args.tiles_per_call < 1:
+                raise ValueError(f"--tiles-per-call must be at least 1, got {args.tiles_per_call}")
+            pipeline.max_tiles_per_call = args.tiles_per_call
         report = pipeline.run_study(source, args.questions, gen)
         if args.json_out:
             report.write_json(args.json_out)
