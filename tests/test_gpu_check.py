@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +110,7 @@ def test_gpu_wheels_resampler_on_the_stable_abi_is_pillow_exact(tmp_path: Path, 
     must stay within the limited API, and the build keeps pyproject's flags (Pillow-exact output)."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler (scripts/setup installs build-essential)")
+    tomllib = pytest.importorskip("tomllib", reason="scripts/gpu-wheels needs Python 3.11+")
     wheels = _script_module("gpu-wheels")
     built = wheels.build_resampler(tomllib.loads((ROOT / "pyproject.toml").read_text()), tmp_path)
     assert built.name == "_resample.abi3.so"
