@@ -89,7 +89,9 @@ def assess_gradability(image: np.ndarray) -> Gradability:
         if frame_mean > MAX_MEAN_LUMA / 2:
             return Gradability(False, [f"overexposed: the whole picture is bright (mean {frame_mean:.0f} of 255) "
                                        "and no field of view stands out"], {"mean_luma": round(frame_mean, 4)})
-        return Gradability(False, ["no field of view found: the picture is blank or too dark to find the retina"])
+        return Gradability(False, ["no field of view found: no dark surround sets the retina apart (the picture is "
+                                   "blank, too dark, or cropped to fill the frame; grade the camera's original)"],
+                           {"mean_luma": round(frame_mean, 4)})
     x0, y0, x1, y1 = roi
     diameter = max(x1 - x0, y1 - y0)
     step = max(1, round(diameter / WORK_DIAMETER))
