@@ -206,7 +206,7 @@ def check_tensorrt(jetson: JetsonInfo | None, profile: str | None) -> Check:
 def check_engines(package: Path) -> Check:
     """Whether the package's engines can run here, with the rebuild command when they cannot."""
     from fundusrt.manifest import Manifest, PackageError
-    from fundusrt.runtime.backends.tensorrt import compatibility_problem, current_target, engine_record
+    from fundusrt.runtime.backends.trt_engines import compatibility_problem, current_target, engine_record
 
     try:
         record = engine_record(Manifest.load(package), package)

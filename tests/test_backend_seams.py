@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fundusrt.runtime.backends.base import PackageSessions, bind_context, continuation_logits_by_forks
-from fundusrt.runtime.backends.tensorrt import GraphCache, KvSlots
+from fundusrt.runtime.backends.trt_graphs import GraphCache, KvSlots
 
 
 class ThreadBoundContext:

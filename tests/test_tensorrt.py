@@ -17,7 +17,7 @@ import pytest
 from fundusrt._deps import MissingDependencyError, available
 from fundusrt.manifest import Manifest, PackageError, sha256_file
 from fundusrt.runtime.backends.base import BACKENDS, BackendError, unavailable_reason
-from fundusrt.runtime.backends.tensorrt import (
+from fundusrt.runtime.backends.trt_engines import (
     TRT_KEY,
     EngineTarget,
     compatibility_problem,

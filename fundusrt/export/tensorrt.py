@@ -25,7 +25,7 @@ from typing import Any
 from fundusrt._deps import require
 from fundusrt.manifest import Manifest, PackageError, atomic_write_bytes, sha256_file
 from fundusrt.runtime.backends.profiles import Profile, plan_profiles
-from fundusrt.runtime.backends.tensorrt import TRT_KEY, EngineTarget, current_target
+from fundusrt.runtime.backends.trt_engines import TRT_KEY, EngineTarget, current_target
 
 PRECISIONS = ("fp16", "int8")
 COMPONENTS = ("vision", "connector", "embed", "decoder")

@@ -20,24 +20,22 @@ reaches that key again: later questions of a study, and every study with the sam
 The CUDA context is made current on every call, on the calling thread (`base.bind_context`): the node
 opens the package on its main thread and runs studies on a worker thread.
 
-Engines are tied to the TensorRT version and GPU that built them; the manifest records both, and
-a mismatch is reported with the command that rebuilds them before TensorRT is asked to load them.
-Importing this module needs neither tensorrt nor cuda-python (tests check the metadata logic).
+Engines are tied to the TensorRT version and GPU that built them: `trt_engines` checks the manifest's
+record before TensorRT is asked to load them; `trt_graphs` holds the device-free slot and graph
+bookkeeping. Importing this module needs neither tensorrt nor cuda-python.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
 from fundusrt._deps import MissingDependencyError, require
-from fundusrt.manifest import DecoderSpec, Manifest, PackageError, sha256_file
+from fundusrt.manifest import DecoderSpec, Manifest, PackageError
 from fundusrt.runtime.backends.base import (
     BackendError,
     PackageSessions,
@@ -45,92 +43,18 @@ from fundusrt.runtime.backends.base import (
     bind_context,
     continuation_logits_by_forks,
 )
+from fundusrt.runtime.backends.trt_engines import (
+    ENGINE_COMPONENTS,
+    compatibility_problem,
+    current_target,
+    engine_record,
+    rebuild_command,
+    verify_engines,
+)
+from fundusrt.runtime.backends.trt_graphs import GraphCache, KvSlots
 
-TRT_KEY = "tensorrt"
-_ENGINE_COMPONENTS = ("vision", "connector", "embed", "decoder")
 _EMBEDS, _MASK, _POSITIONS, _LOGITS = "inputs_embeds", "attention_mask", "position_ids", "logits"
 _MAX_GRAPHS = 256
-
-
-@dataclass(frozen=True)
-class EngineTarget:
-    """What a serialized engine is bound to."""
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-
-    def describe(self) -> str:
-        return f"TensorRT {self.tensorrt_version} on {self.gpu_name} (compute capability {self.compute_capability})"
-
-
-def rebuild_command(package_dir: Path | str, precision: str) -> str:
-    """The command that rebuilds a package's engines for this machine."""
-    return f"fundusrt build-engines {package_dir} --{precision}"
-
-
-def engine_record(manifest: Manifest, package_dir: Path | str) -> dict[str, Any]:
-    """The manifest's TensorRT record, or PackageError saying how to build engines."""
-    record = manifest.extra.get(TRT_KEY)
-    if not isinstance(record, dict) or "engines" not in record:
-        raise PackageError(f"package {package_dir} has no TensorRT engines; build them on this device with "
-                           f"`{rebuild_command(package_dir, 'fp16')}` (or --int8 for a calibrated INT8 package)")
-    missing = [c for c in _ENGINE_COMPONENTS if c not in record["engines"]]
-    if missing:
-        raise PackageError(f"package {package_dir} has no engines for {missing}; rebuild with "
-                           f"`{rebuild_command(package_dir, record.get('precision', 'fp16'))}`")
-    return record
-
-
-def compatibility_problem(record: dict[str, Any], current: EngineTarget, package_dir: Path | str) -> str | None:
-    """Why engines recorded in `record` cannot run on `current`, with the rebuild command; None when they can.
-
-    TensorRT engines are specific to the exact TensorRT version and to the GPU model they were
-    built on (kernels are chosen by timing on that GPU), so both must match.
-    """
-    built = EngineTarget(str(record.get("tensorrt_version")), str(record.get("gpu_name")),
-                         str(record.get("compute_capability")))
-    differences = []
-    if built.tensorrt_version != current.tensorrt_version:
-        differences.append(f"TensorRT {built.tensorrt_version} != {current.tensorrt_version}")
-    if built.compute_capability != current.compute_capability:
-        differences.append(f"compute capability {built.compute_capability} != {current.compute_capability}")
-    if built.gpu_name != current.gpu_name:
-        differences.append(f"GPU {built.gpu_name!r} != {current.gpu_name!r}")
-    if not differences:
-        return None
-    return (f"the TensorRT engines of {package_dir} were built with {built.describe()}, but this machine has "
-            f"{current.describe()} ({'; '.join(differences)}). Engines do not carry over between TensorRT "
-            f"versions or GPUs: rebuild them here with `{rebuild_command(package_dir, record.get('precision', 'fp16'))}`")
-
-
-def verify_engines(record: dict[str, Any], package_dir: Path) -> None:
-    """Check every engine file exists and matches its sha256; raise PackageError listing all problems."""
-    problems = []
-    for component, entry in record["engines"].items():
-        path = package_dir / entry["file"]
-        if not path.is_file():
-            problems.append(f"{entry['file']} ({component}): missing")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['file']} ({component}): sha256 does not match the manifest (changed or corrupt)")
-    if problems:
-        raise PackageError(f"TensorRT engines of {package_dir} failed their integrity check: " + "; ".join(problems)
-                           + f". Rebuild them with `{rebuild_command(package_dir, record.get('precision', 'fp16'))}`")
-
-
-def current_target(device: int = 0) -> EngineTarget:
-    """The TensorRT version and GPU of this machine (needs tensorrt and cuda-python)."""
-    trt = require("tensorrt", "TensorRT engines")
-    drv = require("cuda.bindings.driver", "TensorRT engines")
-    from fundusrt.kernels.cuda_patchify import check_cuda
-
-    check_cuda(drv.cuInit(0), "cuInit")
-    dev = check_cuda(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
-    name = check_cuda(drv.cuDeviceGetName(256, dev), "cuDeviceGetName")
-    attr = drv.CUdevice_attribute
-    major = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc major")
-    minor = check_cuda(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc minor")
-    return EngineTarget(trt.__version__, name.split(b"\0", 1)[0].decode(), f"{major}.{minor}")
 
 
 def unavailable_reason(**_: Any) -> str | None:
@@ -145,96 +69,6 @@ def unavailable_reason(**_: Any) -> str | None:
     except Exception as exc:  # no driver or no device: cuda-python raises its own loader errors
         return f"no usable CUDA device for TensorRT ({exc})"
     return None
-
-
-# -- device-free bookkeeping: which KV buffers a session uses, which graphs may be replayed ------------
-
-T = TypeVar("T")
-
-
-class KvSlots(Generic[T]):
-    """KV cache slots (each a double-buffered set of device buffers) shared by a decoder and its forks.
-
-    `acquire` hands out a free slot, making a new one only when none is free; `release` returns it.
-    Slots are never freed while the family lives, so a graph captured on a slot stays valid for
-    whichever session holds the slot next.
-
-    Args:
-        allocate: makes the buffers of a new slot.
-    """
-
-    def __init__(self, allocate: Callable[[], T]) -> None:
-        self._allocate = allocate
-        self._slots: list[T] = []
-        self._free: list[int] = []
-
-    def acquire(self) -> int:
-        """A free slot's id (the lowest, so that forks keep landing on slots whose graphs exist)."""
-        if self._free:
-            slot = min(self._free)
-            self._free.remove(slot)
-            return slot
-        self._slots.append(self._allocate())
-        return len(self._slots) - 1
-
-    def lease(self, owner: object) -> int:
-        """Acquire a slot for `owner`, released when `owner` is garbage (a dropped fork gives its slot back)."""
-        slot = self.acquire()
-        weakref.finalize(owner, self.release, slot)
-        return slot
-
-    def release(self, slot: int) -> None:
-        """Give `slot` back; the next acquire may return it."""
-        if slot in self._free or not 0 <= slot < len(self._slots):
-            raise ValueError(f"KV slot {slot} is not held")
-        self._free.append(slot)
-
-    def buffers(self, slot: int) -> T:
-        """The buffers of `slot`."""
-        return self._slots[slot]
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-
-class GraphCache:
-    """Instantiated CUDA graphs by key, least recently used first out, each destroyed when it leaves.
-
-    Args:
-        capacity: most graphs kept (each holds a few hundred kB of driver memory).
-        destroy: frees one graph executable (cuGraphExecDestroy).
-    """
-
-    def __init__(self, capacity: int, destroy: Callable[[Any], None]) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self._capacity, self._destroy = capacity, destroy
-        self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
-
-    def get(self, key: Hashable) -> Any | None:
-        """The graph for `key`, marked as just used, or None."""
-        graph = self._graphs.get(key)
-        if graph is not None:
-            self._graphs.move_to_end(key)
-        return graph
-
-    def put(self, key: Hashable, graph: Any) -> None:
-        """Keep `graph` for `key`, destroying the least recently used one past capacity."""
-        if key in self._graphs:
-            self._destroy(self._graphs.pop(key))
-        self._graphs[key] = graph
-        if len(self._graphs) > self._capacity:
-            _, oldest = self._graphs.popitem(last=False)
-            self._destroy(oldest)
-
-    def clear(self) -> None:
-        """Destroy every graph (the family is going away)."""
-        while self._graphs:
-            _, graph = self._graphs.popitem(last=False)
-            self._destroy(graph)
-
-    def __len__(self) -> int:
-        return len(self._graphs)
 
 
 # -- CUDA -------------------------------------------------------------------------------------------
@@ -587,7 +421,7 @@ def open_package(package_dir: Path, manifest: Manifest, *, threads: int | None =
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     precision = record.get("precision", "fp16")
     engines = {c: _load_engine(runtime, package_dir / record["engines"][c]["file"], c, package_dir, precision)
-               for c in _ENGINE_COMPONENTS}
+               for c in ENGINE_COMPONENTS}
     profiles = {p["name"]: i for i, p in enumerate(record["engines"]["decoder"]["profiles"])}
     embed = TrtSession(engines["embed"], cuda, "embed")
     vision = TrtSession(engines["vision"], cuda, "vision")
