@@ -205,7 +205,7 @@ def apply_awq(model: Any, feeds: Sequence[dict[str, np.ndarray]], bits: int, blo
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    arrays = {name: numpy_helper.to_array(t) for name, t in initializers.items()}
+    arrays = _Arrays(initializers)
     groups = weight_groups(model)
     if not groups:
         return []
@@ -215,10 +215,6 @@ def apply_awq(model: Any, feeds: Sequence[dict[str, np.ndarray]], bits: int, blo
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    uses = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            uses[name] += 1
 
     def replace(name: str, value: np.ndarray) -> None:
         initializers[name].CopyFrom(numpy_helper.from_array(value.astype(arrays[name].dtype), name))
@@ -230,13 +226,13 @@ def apply_awq(model: Any, feeds: Sequence[dict[str, np.ndarray]], bits: int, blo
         folded = "none"
         if alpha > 0:
             for node, weight in zip(group.nodes, group.weights, strict=True):
-                if uses[weight] != 1:  # a weight read elsewhere too keeps its values there
+                if len(consumers[weight]) != 1:  # a weight read elsewhere too keeps its values there
                     new = f"{weight}.awq"
                     graph.initializer.append(numpy_helper.from_array(arrays[weight], new))
                     initializers[new], arrays[new] = graph.initializer[-1], arrays[weight]
                     node.input[1], weight = new, new
                 replace(weight, arrays[weight] * scales[:, None])
-            folded = _fold_inverse(group, scales, producers, consumers, initializers, arrays, uses, replace)
+            folded = _fold_inverse(group, scales, producers, consumers, initializers, arrays, replace)
             if folded == "none":
                 inserted.append((group, scales))
         results.append(GroupScale(alpha, rtn_error, awq_error, folded))
@@ -247,8 +243,23 @@ def apply_awq(model: Any, feeds: Sequence[dict[str, np.ndarray]], bits: int, blo
     return results
 
 
+class _Arrays(dict):
+    """Initializer values as numpy, converted on first use: only the weights of MatMul groups and the ops
+    their inverse scales fold into are ever read, not (say) the embedding table."""
+
+    def __init__(self, initializers: dict[str, Any]) -> None:
+        super().__init__()
+        self._initializers = initializers
+
+    def __missing__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        value = self[name] = numpy_helper.to_array(self._initializers[name])
+        return value
+
+
 def _fold_inverse(group: _Group, scales: np.ndarray, producers: dict[str, Any], consumers: dict[str, list[Any]],
-                  initializers: dict[str, Any], arrays: dict[str, np.ndarray], uses: dict[str, int],
+                  initializers: dict[str, Any], arrays: dict[str, np.ndarray],
                   replace: Any) -> str:
     """Divide the group's input by `scales` inside the op that makes it, where that is exact; name that op."""
     producer = producers.get(group.activation)
@@ -259,14 +270,14 @@ def _fold_inverse(group: _Group, scales: np.ndarray, producers: dict[str, Any], 
     k = scales.shape[0]
     for name in producer.input:
         # a norm's weight: x * w -> x * (w / s)
-        if name in initializers and arrays[name].shape == (k,) and uses[name] == 1:
+        if name in initializers and arrays[name].shape == (k,) and len(consumers[name]) == 1:
             replace(name, arrays[name] / scales)
             return producer.name
     for name in producer.input:
         # a gated product act(gate) * up: divide the up projection's output columns
         maker = producers.get(name)
         if (maker is not None and maker.op_type == "MatMul" and maker.input[1] in initializers
-                and arrays[maker.input[1]].shape[-1] == k and uses[maker.input[1]] == 1
+                and arrays[maker.input[1]].shape[-1] == k and len(consumers[maker.input[1]]) == 1
                 and len(consumers[name]) == 1):
             replace(maker.input[1], arrays[maker.input[1]] / scales[None, :])
             return maker.name
