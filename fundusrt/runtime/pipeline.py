@@ -33,6 +33,7 @@ from fundusrt.runtime.protocol import (
     gradability_item_reason,
     item_result,
     load_protocol,
+    model_laterality,
     option_token_ids,
     probabilities,
     screen_eye,
@@ -241,6 +242,8 @@ class Pipeline:
 
         Each image first goes through the pixel gradability checks; a gradable one has every protocol
         item scored and the questions answered, all from one encoding and one shared prefill.
+        An image with neither a laterality tag nor a confident picture reading takes the eye its
+        protocol laterality item gives when the model is sure enough (`protocol.model_laterality`).
 
         Args:
             source: a DICOM file, a folder, a list of files, or an already read Study.
@@ -289,17 +292,25 @@ class Pipeline:
                 errors.append(FileError(str(image.source), "error", f"image {image.sop_instance_uid}: {exc}"))
                 continue
             model_says = gradability_item_reason(protocol, items)
+            gradable = grade.gradable and model_says is None
+            laterality, laterality_source, model_p = image.laterality, image.laterality_source, None
+            # no tag and no confident picture reading: the model's own answer, when it is sure enough
+            # (the answers of an image it found ungradable are not used for anything else either)
+            placed = model_laterality(protocol, items) if laterality is None and gradable else None
+            if placed:
+                laterality, model_p = placed
+                laterality_source = "model"
             results.append(ImageResult(
                 sop_instance_uid=image.sop_instance_uid, series_instance_uid=image.series_instance_uid,
-                frame_index=image.frame_index, laterality=image.laterality, source=str(image.source),
+                frame_index=image.frame_index, laterality=laterality, source=str(image.source),
                 num_tiles=num_tiles,
                 answers=[QuestionAnswer(q, a.text, len(a.token_ids), a.finish_reason, a.timings)
                          for q, a in zip(asked, answers, strict=True)],
                 timings={"scoring_ms": scoring_ms, "total_ms": _ms(image_start)},
-                laterality_source=image.laterality_source, image_laterality=image.image_laterality,
+                laterality_source=laterality_source, image_laterality=image.image_laterality,
                 image_laterality_confidence=image.image_laterality_confidence,
-                laterality_mismatch=image.laterality_mismatch,
-                gradable=grade.gradable and model_says is None, items=items,
+                laterality_mismatch=image.laterality_mismatch, model_laterality_probability=model_p,
+                gradable=gradable, items=items,
                 gradability_reasons=grade.reasons + ([model_says] if model_says else []),
             ))
         if not results:

@@ -39,10 +39,13 @@ class ImageResult:
     answers: list[QuestionAnswer]
     timings: dict[str, float] = field(default_factory=dict)
     # laterality is the value used; these say where it came from and what the picture shows
-    laterality_source: str = "tag"  # "tag" or "image" (no tag: derived from the picture)
+    # "tag"; "image" (no tag: derived from the picture); "model" (no tag and no confident picture reading:
+    # the protocol's laterality item, at P >= protocol.MODEL_LATERALITY_MIN_PROBABILITY)
+    laterality_source: str = "tag"
     image_laterality: str = "unknown"  # "R", "L" or "unknown"
     image_laterality_confidence: float = 0.0
     laterality_mismatch: bool = False
+    model_laterality_probability: float | None = None  # P(the eye used) when laterality_source is "model"
     # the pixel checks of fundusrt.dicom.gradability; an ungradable image is not shown to the model
     gradable: bool = True
     gradability_reasons: list[str] = field(default_factory=list)
@@ -146,7 +149,8 @@ def _decision_text(decision: str) -> str:
 
 
 def _laterality_notes(image: ImageResult) -> list[str]:
-    """Warning and note lines about an image's laterality (mismatch with the tag, derived from the picture)."""
+    """Warning and note lines about an image's laterality (mismatch with the tag, derived from the picture or
+    read by the model)."""
     notes = []
     if image.laterality_mismatch:
         notes.append(f"WARNING: image {image.sop_instance_uid} is tagged {image.laterality} but the picture shows "
@@ -154,6 +158,10 @@ def _laterality_notes(image: ImageResult) -> list[str]:
     elif image.laterality_source == "image" and image.laterality:
         notes.append(f"Note: image {image.sop_instance_uid} has no laterality tag; {image.laterality} was read from "
                      f"the picture (confidence {image.image_laterality_confidence:.2f})")
+    elif image.laterality_source == "model" and image.model_laterality_probability is not None:
+        notes.append(f"Note: image {image.sop_instance_uid} has no laterality tag and the picture check could not "
+                     f"tell the eye; {image.laterality} was read by the model "
+                     f"(probability {image.model_laterality_probability:.3f})")
     return ["", *notes] if notes else []
 
 
