@@ -60,7 +60,7 @@ def fake_quantise(weight: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 @dataclass
-class _Group:
+class WeightGroup:
     """MatMuls with constant weights that read one activation tensor."""
 
     activation: str
@@ -97,7 +97,7 @@ def _lm_head_outputs(graph: Any) -> set[str]:
     return heads
 
 
-def weight_groups(model: Any) -> list[_Group]:
+def weight_groups(model: Any) -> list[WeightGroup]:
     """The groups AWQ scales: constant 2-D weight MatMuls by shared input, the LM head left out.
 
     The LM head is left to plain rounding, as AWQ does: its input is the final norm's and its error
@@ -106,19 +106,19 @@ def weight_groups(model: Any) -> list[_Group]:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     heads = _lm_head_outputs(graph)
-    groups: dict[str, _Group] = {}
+    groups: dict[str, WeightGroup] = {}
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in initializers or node.output[0] in heads:
             continue
         if len(initializers[node.input[1]].dims) != 2:
             continue
-        group = groups.setdefault(node.input[0], _Group(node.input[0], [], []))
+        group = groups.setdefault(node.input[0], WeightGroup(node.input[0], [], []))
         group.nodes.append(node)
         group.weights.append(node.input[1])
     return list(groups.values())
 
 
-def collect_activations(model: Any, groups: Sequence[_Group], feeds: Sequence[dict[str, np.ndarray]],
+def collect_activations(model: Any, groups: Sequence[WeightGroup], feeds: Sequence[dict[str, np.ndarray]],
                         seed: int = 0) -> None:
     """Run the float decoder over the recorded feeds and keep, per group input, mean |x| and a row sample.
 
@@ -174,8 +174,8 @@ def _error(x: np.ndarray, weights: Sequence[np.ndarray], references: Sequence[np
     return total
 
 
-def search_scales(groups: Sequence[_Group], initializers: dict[str, np.ndarray], bits: int,
-                  block_size: int) -> list[tuple[_Group, float, np.ndarray, float, float]]:
+def search_scales(groups: Sequence[WeightGroup], initializers: dict[str, np.ndarray], bits: int,
+                  block_size: int) -> list[tuple[WeightGroup, float, np.ndarray, float, float]]:
     """Per group: (group, best alpha, scales, RTN output error, scaled output error) on the row sample."""
     results = []
     for group in groups:
@@ -258,7 +258,7 @@ class _Arrays(dict):
         return value
 
 
-def _fold_inverse(group: _Group, scales: np.ndarray, producers: dict[str, Any], consumers: dict[str, list[Any]],
+def _fold_inverse(group: WeightGroup, scales: np.ndarray, producers: dict[str, Any], consumers: dict[str, list[Any]],
                   initializers: dict[str, Any], arrays: dict[str, np.ndarray],
                   replace: Any) -> str:
     """Divide the group's input by `scales` inside the op that makes it, where that is exact; name that op."""
@@ -284,7 +284,7 @@ def _fold_inverse(group: _Group, scales: np.ndarray, producers: dict[str, Any], 
     return "none"
 
 
-def _insert_mul(graph: Any, group: _Group, scales: np.ndarray) -> None:
+def _insert_mul(graph: Any, group: WeightGroup, scales: np.ndarray) -> None:
     from onnx import helper, numpy_helper
 
     inverse = f"{group.activation}.awq_inverse_scale"

@@ -30,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Q8_0/Q4_0 granularity, slower and larger, for models the gate refuses at 128)")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=(1, 2, 3, 4),
                         help="int8/int4: MatMulNBits compute, 4 = int8 dot products (default, fastest on CPUs)")
+    parser.add_argument("--awq-images", nargs="+", default=(),
+                        help="int8/int4: DICOM files, study folders or image files whose activations choose "
+                             "activation-aware (AWQ) weight scales before rounding (default: none, plain round to "
+                             "nearest); 8-16 fundus images of the kind the package will see are enough")
+    parser.add_argument("--awq-prompts", default=None,
+                        help="questions asked of the AWQ images (the `fundusrt calibrate --prompts` format; default: "
+                             "the checkpoint's default questions plus standard MCQs)")
+    parser.add_argument("--awq-max-images", type=int, default=16, help="the most AWQ images read")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -47,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         genai = None if args.decoder == "torch" else GenaiDecoderOptions(
-            precision=args.decoder, block_size=args.block_size, accuracy_level=args.accuracy_level)
+            precision=args.decoder, block_size=args.block_size, accuracy_level=args.accuracy_level,
+            awq_images=tuple(args.awq_images), awq_prompts=args.awq_prompts, awq_max_images=args.awq_max_images)
         path = export_package(args.checkpoint, args.out, max_seq_len=args.max_seq_len,
                               max_tiles=args.max_tiles, overwrite=args.force, genai_decoder=genai,
                               dtype=args.dtype, answers_mcq=args.answers_mcq)

@@ -28,13 +28,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fundusrt._deps import require
 from fundusrt.manifest import DecoderSpec, PackageError
 from fundusrt.models.lvlm import LVLM
+
+if TYPE_CHECKING:
+    from fundusrt.calibration.awq_decoder import DecoderScales
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -49,11 +54,19 @@ class GenaiDecoderOptions:
         precision: "int4" / "int8" (weight-only MatMulNBits, symmetric, round to nearest) or "fp32".
         block_size: weights per quantisation block.
         accuracy_level: MatMulNBits compute type; 4 = int8 activations x int8 weights (fastest on CPUs).
+        awq_images: DICOM files, study folders or image files whose activations pick AWQ scales for the
+            int4/int8 weights (`fundusrt.calibration.awq_decoder`); empty: plain round to nearest.
+        awq_prompts: the questions asked of them (a `fundusrt calibrate --prompts` file; default: the
+            checkpoint's default questions plus the standard MCQs).
+        awq_max_images: the most images AWQ reads.
     """
 
     precision: str = "int4"
     block_size: int = 128
     accuracy_level: int = 4
+    awq_images: tuple[str, ...] = ()
+    awq_prompts: str | None = None
+    awq_max_images: int = 16
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -62,17 +75,58 @@ class GenaiDecoderOptions:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
         if self.accuracy_level not in (1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 1..4, got {self.accuracy_level}")
+        if self.awq_images and self.precision == "fp32":
+            raise ValueError("AWQ scales weights for rounding; an fp32 decoder is not rounded (drop the AWQ images "
+                             "or choose int4/int8)")
+        if self.awq_max_images < 1:
+            raise ValueError(f"awq_max_images must be >= 1, got {self.awq_max_images}")
 
-    def describe(self) -> dict[str, Any]:
-        """What the manifest records about this decoder."""
+    def describe(self, awq: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the manifest records about this decoder (`awq`: the scale search's summary, if it ran)."""
         quantised = self.precision != "fp32"
         return {
             "builder": f"onnxruntime-genai {metadata.version('onnxruntime-genai')}",
             "precision": self.precision,
             "flavour": ("MatMulNBits" if quantised else "MatMul") + "+GroupQueryAttention",
             **({"block_size": self.block_size, "accuracy_level": self.accuracy_level, "symmetric": True,
-                "method": "rtn"} if quantised else {}),
+                "method": "awq" if awq else "rtn"} if quantised else {}),
+            **({"awq": awq} if awq else {}),
         }
+
+
+def awq_scales(model: LVLM, options: GenaiDecoderOptions) -> DecoderScales | None:
+    """The AWQ scales for `options.awq_images` (None without images); run before the vision tower is released.
+
+    Unreadable files are skipped with a warning, as `fundusrt calibrate` does; none readable is an error.
+    """
+    if not options.awq_images:
+        return None
+    from fundusrt.calibration.awq_decoder import search_decoder_scales
+    from fundusrt.calibration.dataset import (
+        CalibrationError,
+        SourceImage,
+        iter_source_images,
+        load_prompts,
+        source_files,
+    )
+
+    try:
+        decoded = iter_source_images(source_files(options.awq_images))
+        images = []
+        for item in decoded:
+            if isinstance(item, SourceImage):
+                images.append(item)
+            else:
+                logger.warning("AWQ skips %s: %s", *item)
+            if len(images) == options.awq_max_images:
+                break
+        prompts = load_prompts(options.awq_prompts, model.config.default_questions)
+        mapped = getattr(model, "mapped_weights", None)
+        return search_decoder_scales(model, images, prompts, bits=int(options.precision[3:]),
+                                     block_size=options.block_size,
+                                     release=mapped.release if mapped is not None else lambda: None)
+    except CalibrationError as exc:
+        raise PackageError(f"AWQ for the {options.precision} decoder: {exc}") from exc
 
 
 def _write_hf_config(model: LVLM, out: Path) -> None:
@@ -164,11 +218,96 @@ class _StreamedQuantiser:
         model.opset_imports.setdefault("com.microsoft", 1)
 
 
-def _streamed_save(builder: Any, out_dir: str, release: Callable[[], None]) -> None:
-    """The builder's `save_model`, with weights cast, quantised and written one at a time."""
+# Where each AWQ group's scales go in the builder's graph, by the initializer names it gives (its basenames
+# "/model/layers.{i}/attn/qkv_proj/MatMul" etc.): the weights whose input rows are multiplied, and the
+# initializer that takes the inverse (a norm's weight, divided; the up projection's output columns; None:
+# a Mul inserted before the weights' MatMul).
+_AWQ_TARGETS = {
+    "attention": (("attn.qkv_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj"), "input_layernorm.weight"),
+    "output": (("attn.o_proj",), None),
+    "mlp": (("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"), "post_attention_layernorm.weight"),
+    "down": (("mlp.down_proj",), "mlp.up_proj.MatMul.weight"),
+}
+
+
+@dataclass
+class _Transform:
+    """What AWQ does to one initializer: input rows multiplied, output columns divided, or a vector divided."""
+
+    rows: np.ndarray | None = None
+    columns: np.ndarray | None = None
+    divide: np.ndarray | None = None
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        out = array.astype(np.float32)  # MatMul weights are (K, N)
+        if self.divide is not None:
+            out = out / self.divide
+        if self.rows is not None:
+            out = out * self.rows[:, None]
+        if self.columns is not None:
+            out = out / self.columns[None, :]
+        return out.astype(array.dtype)
+
+
+def _awq_plan(scales: DecoderScales, names: set[str]) -> tuple[dict[str, _Transform], dict[str, np.ndarray]]:
+    """The transform of each initializer AWQ touches in the builder graph whose initializers are `names`, and
+    the weights whose MatMul input is to be divided by an inserted Mul.
+
+    Every group must find its weights and its inverse's home, or the export stops: a scaled weight
+    without its inverse would be a different model.
+    """
+    plan: dict[str, _Transform] = {}
+    divided_inputs: dict[str, np.ndarray] = {}
+    for layer, groups in scales.layers.items():
+        prefix = f"model.layers.{layer}."
+        for group, s in groups.items():
+            weights, inverse = _AWQ_TARGETS[group]
+            found = [name for w in weights if (name := f"{prefix}{w}.MatMul.weight") in names]
+            if not found or (inverse is not None and prefix + inverse not in names):
+                raise PackageError(f"AWQ: the builder's graph has no {group} weights or no {inverse} in layer "
+                                   f"{layer}; this builder version names them differently: export without AWQ")
+            for name in found:
+                plan.setdefault(name, _Transform()).rows = s
+            if inverse is None:
+                divided_inputs.update(dict.fromkeys(found, s))
+            elif group == "down":
+                plan.setdefault(prefix + inverse, _Transform()).columns = s
+            else:
+                plan.setdefault(prefix + inverse, _Transform()).divide = s
+    return plan, divided_inputs
+
+
+def _apply_awq(model: Any, scales: DecoderScales) -> None:
+    """Put each AWQ transform between an initializer and its reader: applied when the weight is read, so the
+    quantiser still holds one weight at a time."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    plan, divided_inputs = _awq_plan(scales, set(graph.initializers))
+    for name, transform in plan.items():
+        value = graph.initializers[name]
+        tensor = value.const_value
+        value.const_value = ir.LazyTensor(lambda t=tensor, f=transform: ir.Tensor(f(t.numpy()), name=t.name),
+                                          dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+    for name, s in divided_inputs.items():
+        (matmul, _), = graph.initializers[name].uses()
+        activation = matmul.inputs[0]
+        inverse = ir.Value(name=f"{name}.awq_inverse_scale", shape=ir.Shape(s.shape),
+                           type=ir.TensorType(activation.dtype),
+                           const_value=ir.Tensor((1.0 / s).astype(activation.dtype.numpy())))
+        graph.register_initializer(inverse)
+        mul = ir.node("Mul", [activation, inverse], name=f"{matmul.name}/awq_inverse_scale")
+        graph.insert_before(matmul, mul)
+        matmul.replace_input_with(0, mul.outputs[0])
+
+
+def _streamed_save(builder: Any, out_dir: str, release: Callable[[], None], scales: DecoderScales | None) -> None:
+    """The builder's `save_model`, with weights (AWQ-scaled when `scales`) cast, quantised and written one at a time."""
     import onnx_ir as ir
 
     model = builder.model
+    if scales is not None:
+        _apply_awq(model, scales)
     if builder.onnx_dtype in {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}:
         _StreamedQuantiser(builder.quant_attrs).rewrite(model)
     model.graph.sort()
@@ -180,7 +319,7 @@ def _streamed_save(builder: Any, out_dir: str, release: Callable[[], None]) -> N
 
 
 @contextlib.contextmanager
-def _builder_streams(decoder: Any, release: Callable[[], None]) -> Iterator[None]:
+def _builder_streams(decoder: Any, release: Callable[[], None], scales: DecoderScales | None) -> Iterator[None]:
     """While active, the builder takes `decoder` as the model it reads and saves with `_streamed_save`.
 
     The builder offers no hook for weights that are already loaded or that must not be held twice,
@@ -191,7 +330,7 @@ def _builder_streams(decoder: Any, release: Callable[[], None]) -> Iterator[None
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(Model, "load_weights", lambda _self, _path: decoder))
-        stack.enter_context(_patched(Model, "save_model", lambda self, out: _streamed_save(self, out, release)))
+        stack.enter_context(_patched(Model, "save_model", lambda self, out: _streamed_save(self, out, release, scales)))
         yield
 
 
@@ -248,8 +387,12 @@ def _logits_of_last_position(path: Path) -> None:
     onnx.save(model, str(path))  # the weights stay in their external-data file, untouched
 
 
-def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: GenaiDecoderOptions) -> list[Path]:
+def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: GenaiDecoderOptions,
+                        scales: DecoderScales | None = None) -> list[Path]:
     """Write `decoder.onnx` (+ `decoder.onnx.data`) into `staging`; returns the files, graph first.
+
+    `scales` (from `awq_scales`) are applied to the weights before they are rounded (an fp32 decoder with
+    scales computes what it computes without them: the float identity AWQ rests on).
 
     The decoder's weights are read from `model` one tensor at a time; when `model` was loaded with its
     weights memory-mapped (`fundusrt.models.load`), their pages are dropped as each one is written.
@@ -281,7 +424,7 @@ def build_genai_decoder(model: LVLM, staging: Path, spec: DecoderSpec, options: 
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 _write_hf_config(model, hf)
                 parsed = parse_extra_options(None, str(hf), str(out), options.precision, "cpu", str(cache), extra)
-                with _builder_streams(model.language_model, release):
+                with _builder_streams(model.language_model, release, scales):
                     create_model(None, str(hf), str(out), options.precision, "cpu", str(cache), **parsed)
         except Exception as exc:  # the builder raises bare Exceptions with its reason
             raise PackageError(f"onnxruntime-genai could not build the {options.precision} decoder: {exc}\n"

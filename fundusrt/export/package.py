@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from fundusrt.export.genai import GenaiDecoderOptions, build_genai_decoder
+from fundusrt.export.genai import GenaiDecoderOptions, awq_scales, build_genai_decoder
 from fundusrt.export.onnx import OPSET, component_exports, decoder_spec, export_component
 from fundusrt.manifest import (
     COMPONENTS,
@@ -162,17 +162,19 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, max_seq_len: 
     if genai_decoder is not None:
         spec = dataclasses.replace(spec, kv_cache="shared")
     try:
+        # AWQ's statistics need the vision tower, which is released once exported
+        scales = awq_scales(model, genai_decoder) if genai_decoder is not None else None
         components = {}
         for name, component in component_exports(model).items():
             if name == "decoder" and genai_decoder is not None:
-                path, *data = build_genai_decoder(model, staging, spec, genai_decoder)
+                path, *data = build_genai_decoder(model, staging, spec, genai_decoder, scales)
             else:
                 path, *data = export_component(component, staging / f"{name}.onnx")
                 if genai_decoder is not None:
                     _release(model, name)
             components[name] = _component_spec(path, data)
         if genai_decoder is not None:
-            extra["decoder_build"] = genai_decoder.describe()
+            extra["decoder_build"] = genai_decoder.describe(scales.summary if scales is not None else None)
         extra.update(_write_image_newline(model, staging, components["connector"]))
         if answers_mcq:
             extra[MCQ_PROMPT_KEY] = "vlmevalkit"
