@@ -33,6 +33,7 @@ def test_rounding_model_matches_ort_block_quantiser(bits: int) -> None:
     weight = rng.standard_normal((80, 5)).astype(np.float32)  # K not a multiple of the block
     weight[:, 2] = 0.0  # an all-zero block must not divide by zero
     weight[3, 4] = 40.0  # one outlier dominates its block
+    weight[32:64, 1] = np.linspace(3.0, -3.0, 32)  # a whole block tied at |max| == |min| |max| == |min|: MLAS takes the minimum
     quantiser = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits))
     packed, scales, _ = quantiser.qbits_block_quant(weight)
     # MatMulNBits layout: per column, per block, block_size values (two 4-bit values per byte, low first)

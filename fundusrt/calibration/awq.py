@@ -44,19 +44,21 @@ _PASS_THROUGH = {"Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
 def fake_quantise(weight: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     """`weight` (K, N) rounded as ORT's symmetric block quantiser does, then dequantised.
 
-    Blocks run along K per output column; each block's value of largest magnitude maps to the grid's
-    negative end (-8 for 4 bits, -128 for 8) so the grid's one extra negative step is used, as MLAS does.
+    Blocks run along K per output column. As in MLAS, each block's extreme value (the minimum when
+    |min| >= |max|) maps to the grid's negative end (-8 for 4 bits, -128 for 8), so the grid's one extra
+    negative step is used. Two reductions and in-place rounding: the search calls this 20 times per weight.
     """
     k, n = weight.shape
-    pad = -k % block_size
-    blocks = np.pad(weight, ((0, pad), (0, 0))).reshape(-1, block_size, n)
-    index = np.abs(blocks).argmax(axis=1)
-    extreme = np.take_along_axis(blocks, index[:, None, :], axis=1)
+    blocks = np.pad(weight, ((0, -k % block_size), (0, 0))).reshape(-1, block_size, n)
+    high, low_value = blocks.max(axis=1, keepdims=True), blocks.min(axis=1, keepdims=True)
     low = -(2 ** (bits - 1))
-    scale = extreme / low
+    scale = np.where(np.abs(high) > np.abs(low_value), high, low_value) / low
     scale[scale == 0] = 1.0
-    quantised = np.clip(np.rint(blocks / scale), low, -low - 1)
-    return (quantised * scale).reshape(-1, n)[:k]
+    quantised = blocks / scale
+    np.rint(quantised, out=quantised)
+    np.clip(quantised, low, -low - 1, out=quantised)
+    quantised *= scale
+    return quantised.reshape(-1, n)[:k]
 
 
 @dataclass
