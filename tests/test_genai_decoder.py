@@ -221,3 +221,24 @@ def test_prepacked_weights_load_from_a_mapped_copy(packages: dict[str, Path], tm
         path, logits = run(0)
     assert path == source and "cannot write the prepacked copy" in caplog.text
     np.testing.assert_allclose(np.stack(logits), np.stack(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_phi3_longrope_builder_decoder_answers_like_the_torch_export(tmp_path: Path) -> None:
+    """EyecareGPT-3.8B's decoder is Phi-3.5-mini: LongRoPE (131k positions over an original 4k), which the
+    builder writes as its own model class with two rotary caches."""
+    from tests._layout_fixtures import write_llava_phi3_dense
+
+    checkpoint = write_llava_phi3_dense(tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    half = config["hidden_size"] // config["num_attention_heads"] // 2
+    config.update(max_position_embeddings=131072, original_max_position_embeddings=4096,
+                  rope_scaling={"type": "longrope", "long_factor": np.linspace(1.0, 8.0, half).tolist(),
+                                "short_factor": np.linspace(1.0, 1.5, half).tolist()})  # not 1: they must be applied
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    torch_pkg = export_package(checkpoint, tmp_path / "torch", max_seq_len=1024)
+    builder_pkg = export_package(checkpoint, tmp_path / "fp32", max_seq_len=1024,
+                                 genai_decoder=GenaiDecoderOptions(precision="fp32"))
+    reference, candidate = load_package(torch_pkg, threads=1), load_package(builder_pkg, threads=1)
+    image = fundus_picture(256, 256, seed=3)
+    for question in QUESTIONS:
+        assert candidate.ask(image, question, GEN).token_ids == reference.ask(image, question, GEN).token_ids
