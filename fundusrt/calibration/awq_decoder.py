@@ -109,10 +109,13 @@ def search_decoder_scales(model: Any, images: Sequence[SourceImage], prompts: Se
     Raises:
         CalibrationError: no images.
     """
+    import time
+
     import torch
 
     if not images:
         raise CalibrationError("AWQ needs calibration images; pass fundus images or DICOM studies")
+    start = time.perf_counter()
     embeds = _prompt_embeds(model, images, prompts)
     release()
     rows = [e.shape[1] for e in embeds]
@@ -149,6 +152,8 @@ def search_decoder_scales(model: Any, images: Sequence[SourceImage], prompts: Se
     finally:
         for handle in handles:
             handle.remove()
+    statistics_s = time.perf_counter() - start
+    logger.info("AWQ: statistics of %d prompts (%d tokens) in %.0f s", len(embeds), sum(rows), statistics_s)
 
     scales: dict[int, dict[str, np.ndarray]] = {}
     rtn_total = awq_total = 0.0
@@ -167,5 +172,6 @@ def search_decoder_scales(model: Any, images: Sequence[SourceImage], prompts: Se
                "sample_rows": int(keep.sum()), "groups": len(groups),
                "groups_scaled": sum(len(g) for g in scales.values()),
                "output_error_ratio": round(awq_total / rtn_total, 4) if rtn_total else 1.0}
-    logger.info("AWQ: %d of %d decoder groups scaled", summary["groups_scaled"], len(groups))
+    logger.info("AWQ: %d of %d decoder groups scaled, searched in %.0f s", summary["groups_scaled"], len(groups),
+                time.perf_counter() - start - statistics_s)
     return DecoderScales(scales, summary)
