@@ -1,5 +1,6 @@
 """Training under torchrun (gloo, 2 CPU ranks): DDP and FSDP2 give the single-process losses on the same
-global batch and the same adapter, and a checkpoint written by 2 ranks resumes exactly in 1."""
+global batch (two micro-batches per step) and the same adapter, a checkpoint written by 2 ranks resumes
+exactly in 1, and DDP all-reduces once per optimizer step, not once per micro-batch."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         settings = {"output_dir": str(root / name), "base": str(base), "method": "lora", "connector": "full",
                     "data": {"train": [str(data)], "max_seq_len": 1024, "cache_dir": str(root / "cache")},
                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-                    "lr": 2e-2, "warmup_steps": 1, "batch_size": 3, "max_steps": STEPS, "save_every": 1,
+                    "lr": 2e-2, "warmup_steps": 1, "batch_size": 3, "grad_accum": 2, "max_steps": STEPS,
+                    "save_every": 1,
                     "keep_checkpoints": 3, "log_every": 1, "seed": 1, "threads": 1,
                     "distributed": {"strategy": "fsdp" if name == "fsdp" else "ddp"}}
         path = root / f"{name}.json"
@@ -111,3 +113,45 @@ def test_a_two_rank_checkpoint_resumes_exactly_in_one_process(runs, tmp_path) ->
     assert any("resumed from" in line and "written by 2 rank(s)" in line for line in lines), lines
     assert _losses(resumed) == pytest.approx(_losses(runs["fsdp"]), rel=1e-5)
     assert _max_difference(_adapter(resumed), _adapter(runs["fsdp"])) < 1e-6
+
+
+def _accumulate_under_ddp(rank: int, world_size: int, port: int, out: str) -> None:
+    """One rank: three micro-steps of gradient accumulation on a DDP-wrapped Linear, all-reduces counted."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fundusrt.training.distributed import Ranks, accumulating
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    module = DistributedDataParallel(torch.nn.Linear(4, 2))
+    reduces = []
+
+    def counting(state, bucket):
+        reduces.append(bucket.index())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    module.register_comm_hook(dist.group.WORLD, counting)
+    ranks = Ranks(rank, world_size, rank, "ddp")
+    for micro in range(3):
+        with accumulating(module, ranks, last=micro == 2):
+            module(torch.full((3, 4), float((rank + 1) * (micro + 1)))).sum().backward()
+    torch.save({"reduces": len(reduces), "grad": module.module.weight.grad}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_once_per_optimizer_step(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_accumulate_under_ddp, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["reduces"] == 1  # one bucket, reduced after the last micro-step only
+        # d(sum of outputs)/dW = sum of the inputs over 3 rows and 3 micro-steps, averaged over the ranks
+        expected = 3 * (1 + 2 + 3) * (1 + 2) / 2
+        torch.testing.assert_close(result["grad"], torch.full((2, 4), expected))

@@ -7,7 +7,9 @@ A run without torchrun's environment is one rank with no process group, so one c
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +108,19 @@ def wrap(loss_module: nn.Module, ranks: Ranks, blocks: list[nn.Module], device: 
         fully_shard(block, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
     return loss_module
+
+
+@contextlib.contextmanager
+def accumulating(module: nn.Module, ranks: Ranks, last: bool) -> Iterator[None]:
+    """Around one micro-step of gradient accumulation: under DDP, the micro-steps before the `last` keep
+    their gradients local (no all-reduce) and the last reduces their sum, one all-reduce per optimizer
+    step instead of one per micro-step. FSDP still reduce-scatters every micro-step: skipping it would
+    keep unsharded gradients, the memory FSDP is chosen to save."""
+    if last or ranks.strategy != "ddp":
+        yield
+        return
+    with module.no_sync():
+        yield
 
 
 def _options(**kwargs: Any) -> Any:

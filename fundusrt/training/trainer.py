@@ -393,12 +393,14 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 step_losses = []
-                for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+                last_micro = (step + 1) * cfg.grad_accum - 1
+                for micro in range(step * cfg.grad_accum, last_micro + 1):
                     epoch, index = divmod(micro, micro_per_epoch)
                     if epoch not in order:
                         order = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(len(train))}
                     indices = order[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size]
-                    loss = self.micro_step(train, indices, scale=1.0 / cfg.grad_accum)
+                    with distributed.accumulating(self.loss_module, self.ranks, micro == last_micro):
+                        loss = self.micro_step(train, indices, scale=1.0 / cfg.grad_accum)
                     if loss is not None:
                         step_losses.append(loss)
                         tokens += sum(len(train[int(i)].input_ids) for i in indices)
