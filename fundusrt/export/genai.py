@@ -13,8 +13,9 @@ copied into a transformers checkpoint) and writes its graph, but we write the we
 own save converts the whole graph to one in-memory protobuf in fp32 before quantising it (about 30 GB
 for a 7B decoder), so an 8B model could not be exported on a 24-32 GB machine. Ours streams: each
 MatMul weight is cast, quantised with the same ORT (MLAS) quantiser the builder uses, written to
-external data and dropped, one tensor at a time. Then the I/O is checked against the runtime's
-contract (`fundusrt.manifest`).
+external data and dropped, one tensor at a time; with AWQ scales (`awq_scales`) each weight is scaled
+as it is read and the inverses go into the norms, the up projections and Muls before o_proj. Then the
+I/O is checked against the runtime's contract (`fundusrt.manifest`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class GenaiDecoderOptions:
     """How the builder writes the decoder.
 
     Attributes:
-        precision: "int4" / "int8" (weight-only MatMulNBits, symmetric, round to nearest) or "fp32".
+        precision: "int4" / "int8" (weight-only MatMulNBits, symmetric, rounded to nearest after any AWQ
+            scaling) or "fp32".
         block_size: weights per quantisation block.
         accuracy_level: MatMulNBits compute type; 4 = int8 activations x int8 weights (fastest on CPUs).
         awq_images: DICOM files, study folders or image files whose activations pick AWQ scales for the
@@ -218,7 +220,7 @@ class _StreamedQuantiser:
         model.opset_imports.setdefault("com.microsoft", 1)
 
 
-# Where each AWQ group's scales go in the builder's graph, by the initializer names it gives (its basenames
+# Where each AWQ group's (`fundusrt.calibration.awq_decoder` group names) scales go in the builder's graph, by the initializer names it gives (its basenames
 # "/model/layers.{i}/attn/qkv_proj/MatMul" etc.): the weights whose input rows are multiplied, and the
 # initializer that takes the inverse (a norm's weight, divided; the up projection's output columns; None:
 # a Mul inserted before the weights' MatMul).
