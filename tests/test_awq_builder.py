@@ -145,5 +145,6 @@ def test_awq_inputs_are_checked_before_anything_is_written(tmp_path: Path) -> No
         GenaiDecoderOptions(precision="fp32", awq_images=("images",))
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(PackageError, match="AWQ for the int4 decoder: .*no|AWQ needs calibration images"):
-        export_package(DEMO, tmp_path / "pkg", genai_decoder=GenaiDecoderOptions(awq_images=(str(tmp_path / "notes.png"),)))
+        export_package(DEMO, tmp_path / "pkg",
+                       genai_decoder=GenaiDecoderOptions(awq_images=(str(tmp_path / "notes.png"),)))
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg*"))

@@ -220,10 +220,10 @@ class _StreamedQuantiser:
         model.opset_imports.setdefault("com.microsoft", 1)
 
 
-# Where each AWQ group's (`fundusrt.calibration.awq_decoder` group names) scales go in the builder's graph, by the initializer names it gives (its basenames
-# "/model/layers.{i}/attn/qkv_proj/MatMul" etc.): the weights whose input rows are multiplied, and the
-# initializer that takes the inverse (a norm's weight, divided; the up projection's output columns; None:
-# a Mul inserted before the weights' MatMul).
+# Where the scales of each AWQ group (the group names of `fundusrt.calibration.awq_decoder`) go in the
+# builder's graph, by the initializer names it gives (its basenames "/model/layers.{i}/attn/qkv_proj/MatMul"
+# etc.): the weights whose input rows are multiplied, and the initializer that takes the inverse (a norm's
+# weight, divided; the up projection's output columns; None: a Mul inserted before the weights' MatMul).
 _AWQ_TARGETS = {
     "attention": (("attn.qkv_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj"), "input_layernorm.weight"),
     "output": (("attn.o_proj",), None),
