@@ -11,7 +11,10 @@ Each stage runs as its own process; its peak RSS is the kernel's high-water mark
 (`wait4`). The goals of issue #14: every stage fits in 24 GB, export peak RSS <= 0.5 x the checkpoint's
 16-bit weight bytes + 2 GB, INT4 package <= 6 GB. Needs about 16 + 6 GB of free disk in --work.
 
-    python benchmarks/bench_8b.py --work DIR [--block-size 128] [--stages export,run]
+    python benchmarks/bench_8b.py --work DIR [--block-size 128] [--stages export,run] [--awq-images DIR]
+
+With --awq-images the export chooses AWQ scales for the decoder from those images (the package is then
+package-int4-b128-awq).
 """
 
 from __future__ import annotations
@@ -135,10 +138,11 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=128, help="INT4/INT8 weights per quantisation block")
     parser.add_argument("--stages", default="export,run", help="stages to (re)run: export, run")
+    parser.add_argument("--awq-images", default=None, help="images for `fundusrt export --awq-images` (default: RTN)")
     args = parser.parse_args()
     work: Path = args.work
     checkpoint, study = work / "checkpoint", work / "study"
-    package = work / f"package-{args.decoder}-b{args.block_size}"
+    package = work / f"package-{args.decoder}-b{args.block_size}{'-awq' if args.awq_images else ''}"
     stages_wanted = set(args.stages.split(","))
     fundusrt = [sys.executable, "-m", "fundusrt.cli"]
     stages: dict[str, dict[str, float]] = {}
@@ -148,7 +152,8 @@ def main() -> int:
     if "export" in stages_wanted or not (package / "manifest.json").is_file():
         stages["export"] = timed([*fundusrt, "export", str(checkpoint), "--out", str(package), "--force",
                                   "--decoder", args.decoder, "--block-size", str(args.block_size),
-                                  "--max-tiles", str(args.max_tiles), "--max-seq-len", "2048"])
+                                  "--max-tiles", str(args.max_tiles), "--max-seq-len", "2048",
+                                  *(["--awq-images", args.awq_images] if args.awq_images else [])])
     if not study.is_dir():
         subprocess.run([*fundusrt, "synth", "--out", str(study), "--studies", "1"], check=True)
     report = work / "report.json"
