@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     print("\nGround truth (what the synthetic study was drawn with):")
     print("\n".join(_truth_lines(json.loads(truth.ground_truth_path.read_text()))))
     if args.checkpoint == DEMO_CHECKPOINT:
-        print("\nNote: on 400 held-out synthetic cases the demo model answers laterality, referable DR, AMD and "
-              "cup size 87-99% right, the five-way DR grade 49% (models/demo/README.md).")
+        print("\nNote: on 400 held-out synthetic cases the demo model answers laterality, referable DR, AMD, "
+              "cup size and gradability 88-100% right, the five-way DR grade 49% (models/demo/README.md).")
     print(f"JSON report: {out / 'findings.json'}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -15,6 +16,7 @@ from fundusrt.synth.instructions import (
     NONE_FOUND,
     QUESTION_TYPES,
     QUESTIONS,
+    SMALL_SIZES,
     check_types,
     expected_answer,
     grounding_qa,
@@ -48,9 +50,10 @@ def test_closed_answers_follow_the_ground_truth() -> None:
     truth = _truth(lesions=[Lesion("haemorrhage", (300, 300, 306, 305), (303.0, 302.0))] +
                    [Lesion("drusen", (240 + 4 * i, 200, 242 + 4 * i, 202), (241.0 + 4 * i, 201.0)) for i in range(9)])
     assert truth.dr_grade == 2 and truth.amd and truth.glaucoma_suspect
-    assert [expected_answer(t, truth) for t in CLOSED_TYPES] == ["Left", "Yes", "C", "Yes", "Yes"]
+    assert [expected_answer(t, truth) for t in CLOSED_TYPES] == ["Left", "Yes", "C", "Yes", "Yes", "Yes"]
     healthy = _truth(laterality="R", cup_to_disc_ratio=0.3)
-    assert [expected_answer(t, healthy) for t in CLOSED_TYPES] == ["Right", "No", "A", "No", "No"]
+    assert [expected_answer(t, healthy) for t in CLOSED_TYPES] == ["Right", "No", "A", "No", "No", "Yes"]
+    assert expected_answer("gradable", dataclasses.replace(healthy, defect="eyelid")) == "No"
 
 
 def test_grounding_boxes_cover_the_lesions_in_0_999() -> None:
@@ -142,6 +145,41 @@ def test_written_files_parse_and_match_the_drawn_truth(tmp_path, fmt: str) -> No
             assert image.size == (truth.width, truth.height)
     again = write_instructions(tmp_path / "again", count=3, seed_start=40, fmt=fmt)
     assert again.read_text() == path.read_text()
+
+
+def test_ungradable_cases_carry_their_defect_and_are_asked_only_about_quality(tmp_path) -> None:
+    from PIL import Image
+
+    from fundusrt.synth.quality import apply_defect, defect_for
+
+    seeds = [s for s in range(40) if defect_for(s, 0.5)][:2] + [s for s in range(40) if not defect_for(s, 0.5)][:1]
+    for seed in seeds:
+        path = write_instructions(tmp_path / str(seed), count=1, seed_start=seed, types=CLOSED_TYPES, mirror=True,
+                                  ungradable_rate=0.5)
+        records = json.loads(path.read_text())
+        defect = defect_for(seed, 0.5)
+        image, _ = draw_fundus(random_case(seed, *SMALL_SIZES[seed % len(SMALL_SIZES)]))
+        for record, pixels in zip(records, (image, image[:, ::-1]), strict=True):
+            truth = GroundTruth.from_dict(record["fundusrt"]["truth"])
+            assert truth.defect == defect
+            written = np.asarray(Image.open(path.parent / record["image"]))
+            expected = pixels if defect is None else apply_defect(np.ascontiguousarray(pixels), defect, seed)
+            np.testing.assert_array_equal(written, expected)
+            asked = dict(zip(record["fundusrt"]["types"], record["conversations"][1::2], strict=True))
+            if defect is None:
+                assert sorted(asked) == sorted(CLOSED_TYPES) and asked["gradable"]["value"] == "Yes"
+            else:
+                assert list(asked) == ["gradable"] and asked["gradable"]["value"] == "No"
+    seed = seeds[-1]
+    path = write_instructions(tmp_path / "dim", count=1, seed_start=seed, types=CLOSED_TYPES, exposure_gain=(0.5, 0.5))
+    image, _ = draw_fundus(random_case(seed, *SMALL_SIZES[seed % len(SMALL_SIZES)]))
+    (record,) = json.loads(path.read_text())
+    np.testing.assert_array_equal(np.asarray(Image.open(path.parent / record["image"])),
+                                  (image.astype(np.float32) * 0.5).astype(np.uint8))
+    with pytest.raises(ValueError, match="ungradable_rate"):
+        write_instructions(tmp_path / "bad", count=1, ungradable_rate=1.5)
+    with pytest.raises(ValueError, match="exposure_gain"):
+        write_instructions(tmp_path / "bad", count=1, exposure_gain=(1.2, 0.8))
 
 
 def test_mirrored_truth_describes_the_flipped_image() -> None:

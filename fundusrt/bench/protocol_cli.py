@@ -4,7 +4,7 @@
     fundusrt protocol score --package PKG --count 400 [--set heldout|shifted] --out table.csv
     fundusrt protocol evaluate table.csv [--protocol FILE] [--json OUT]
     fundusrt protocol calibrate table.csv --protocol FILE --target-sensitivity 0.9 --out calibrated.json
-    fundusrt protocol gate --count 400
+    fundusrt protocol gate --count 400 [--package PKG [--protocol FILE]]
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate.add_argument("--protocol", type=Path, default=DEFAULT_PROTOCOL)
     calibrate.add_argument("--target-sensitivity", type=float, required=True)
     calibrate.add_argument("--out", type=Path, required=True, help="the calibrated protocol (a new file)")
-    gate = sub.add_parser("gate", help="the pixel gradability gate on synthetic cases with defects at realistic rates")
+    gate = sub.add_parser("gate", help="the gradability gate (pixel checks, and a package's gradability item) on "
+                                       "synthetic cases with defects at realistic rates")
     gate.add_argument("--count", type=int, default=400, help="cases (default: %(default)s)")
+    gate.add_argument("--package", type=Path, help="also measure this package's gradability item")
+    gate.add_argument("--protocol", type=Path, help="with --package: default the package's, else the shipped default")
+    gate.add_argument("--threads", type=int, default=None)
     gate.add_argument("--first-seed", type=int, help="first seed (default: the demo's held-out seeds, 1000000)")
 
 
@@ -129,5 +133,10 @@ def _gate(args: argparse.Namespace) -> int:
     from fundusrt.bench.screening import HELDOUT_SEED_START, gate_figures
 
     first = HELDOUT_SEED_START if args.first_seed is None else args.first_seed
-    print(json.dumps(gate_figures(args.count, first), indent=2))
+    pipeline = None
+    if args.package is not None:
+        from fundusrt.runtime.pipeline import load_package
+
+        pipeline = load_package(args.package, threads=args.threads, protocol=args.protocol)
+    print(json.dumps(gate_figures(args.count, first, pipeline), indent=2))
     return 0

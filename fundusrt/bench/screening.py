@@ -22,6 +22,7 @@ distribution.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -35,7 +36,7 @@ import numpy as np
 from fundusrt.bench.roc import at_threshold, auc, threshold_for_sensitivity, wilson
 from fundusrt.dicom.gradability import assess_gradability
 from fundusrt.manifest import atomic_write_text
-from fundusrt.runtime.protocol import Item, Protocol, load_protocol
+from fundusrt.runtime.protocol import GRADABLE_MIN_PROBABILITY, Item, Protocol, load_protocol
 
 # seeds of the demo's held-out cases (models/demo/README.md): far above every training seed
 HELDOUT_SEED_START = 1_000_000
@@ -99,30 +100,66 @@ def score_synthetic(pipeline: Any, count: int, which: str = "heldout", first_see
     return rows, summary
 
 
-def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START) -> dict[str, Any]:
-    """The pixel gradability gate on synthetic cases carrying defects at their realistic rate
-    (`fundusrt.synth.quality`): sensitivity = ungradable pictures refused, specificity = gradable ones passed,
-    with 95% intervals, and per defect how many were refused for the reason that names it."""
-    from fundusrt.synth.quality import defect_for, apply_defect
+def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START, pipeline: Any = None) -> dict[str, Any]:
+    """The gradability gate on synthetic cases carrying defects at their realistic rate (`fundusrt.synth.quality`).
 
-    refused, passed, ungradable, per_defect = 0, 0, 0, {}
+    Sensitivity = ungradable pictures refused, specificity = gradable ones passed, with 95% intervals,
+    and per defect how many were refused and for which reason. First for the pixel checks alone; with
+    a `pipeline` whose protocol has a gradability item, also for that item alone (scored on every
+    picture, AUC of P(gradable)) and for the gate the runtime applies: the pixel checks, then the item
+    on what they passed.
+
+    Raises:
+        ValueError: the pipeline's protocol has no gradability item.
+    """
+    from fundusrt.synth.quality import apply_defect, defect_for
+
+    gate = None
+    if pipeline is not None:
+        gate = next((i for i in pipeline.protocol.items if i.role == "gradability"), None)
+        if gate is None:
+            raise ValueError(f"protocol {pipeline.protocol.name} {pipeline.protocol.version} has no gradability item")
+        only_gate = dataclasses.replace(pipeline.protocol, items=(gate,))
+    pixel_refused, model_p, defects, per_defect = [], [], [], {}
     for seed in range(first_seed, first_seed + count):
         image, _ = synthetic_image(seed, "heldout")
         defect = defect_for(seed)
-        verdict = assess_gradability(image if defect is None else apply_defect(image, defect, seed))
+        picture = image if defect is None else apply_defect(image, defect, seed)
+        verdict = assess_gradability(picture)
+        pixel_refused.append(not verdict.gradable)
+        defects.append(defect)
+        if gate is not None:
+            probs = pipeline.score(picture, only_gate)[gate.id].probabilities
+            model_p.append(sum(probs[a] for a in gate.positive))
         if defect is None:
-            passed += verdict.gradable
             continue
-        ungradable += 1
-        refused += not verdict.gradable
         caught = per_defect.setdefault(defect, {"cases": 0, "refused": 0, "reasons": {}})
         caught["cases"] += 1
         caught["refused"] += not verdict.gradable
         for reason in verdict.reasons:
             key = reason.split(":")[0]
             caught["reasons"][key] = caught["reasons"].get(key, 0) + 1
-    return {"first_seed": first_seed, "count": count, "sensitivity": wilson(refused, ungradable).to_dict(),
-            "specificity": wilson(passed, count - ungradable).to_dict(), "defects": per_defect}
+        if gate is not None:
+            caught["refused_by_pixels_or_model"] = caught.get("refused_by_pixels_or_model", 0) + (
+                not verdict.gradable or model_p[-1] < GRADABLE_MIN_PROBABILITY)
+
+    def figures(refused: Sequence[bool]) -> dict[str, Any]:
+        bad = [r for r, d in zip(refused, defects, strict=True) if d is not None]
+        good = [r for r, d in zip(refused, defects, strict=True) if d is None]
+        right = sum(bad) + len(good) - sum(good)
+        return {"sensitivity": wilson(sum(bad), len(bad)).to_dict(),
+                "specificity": wilson(len(good) - sum(good), len(good)).to_dict(),
+                "accuracy": wilson(right, count).to_dict()}
+
+    result = {"first_seed": first_seed, "count": count, **figures(pixel_refused), "defects": per_defect}
+    if gate is not None:
+        ungradable = [d is not None for d in defects]
+        area, low, high = auc([1 - p for p in model_p], ungradable)
+        result["model_item"] = {"item": gate.id, "auc": {"value": area, "ci95": [low, high]},
+                                **figures([p < GRADABLE_MIN_PROBABILITY for p in model_p])}
+        result["pixels_then_model"] = figures([r or p < GRADABLE_MIN_PROBABILITY
+                                               for r, p in zip(pixel_refused, model_p, strict=True)])
+    return result
 
 
 def write_table(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:

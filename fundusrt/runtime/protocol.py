@@ -58,6 +58,8 @@ EYE_CODES = {"24028007": "R", "7771000": "L", "18944008": "R", "8966001": "L"}
 # cases 2 of the 198 answers at >= 0.99 were wrong (2 of 199 at >= 0.9), on 200 shifted cases 3 of 174
 # (10 of 192 at >= 0.9). A model sure of itself can still be wrong on a picture unlike its training set.
 MODEL_LATERALITY_MIN_PROBABILITY = 0.99
+# An image the pixel checks passed is still ungradable when the gradability item's P(gradable) is below this
+GRADABLE_MIN_PROBABILITY = 0.5
 
 
 class ProtocolError(ValueError):
@@ -292,7 +294,9 @@ def gradability_item_reason(protocol: Protocol, items: Mapping[str, Mapping[str,
     if gate is None or gate.id not in items:
         return None
     p_gradable = sum(items[gate.id]["probabilities"][a] for a in gate.positive)
-    return None if p_gradable >= 0.5 else f"model: P(gradable) {p_gradable:.2f} < 0.5 ({gate.id})"
+    if p_gradable >= GRADABLE_MIN_PROBABILITY:
+        return None
+    return f"model: P(gradable) {p_gradable:.2f} < {GRADABLE_MIN_PROBABILITY} ({gate.id})"
 
 
 def model_laterality(protocol: Protocol, items: Mapping[str, Mapping[str, Any]]) -> tuple[str, float] | None:

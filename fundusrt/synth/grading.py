@@ -144,6 +144,8 @@ class GroundTruth:
         fov_center, fov_radius: the circular field of view (it may extend past the image edges).
         width, height: image size in pixels.
         lesions: every drawn lesion with its box.
+        defect: the quality defect applied to the picture (`fundusrt.synth.quality.DEFECTS`), None when
+            it is gradable; an ungradable picture's findings are those drawn before the defect hid them.
     """
 
     laterality: str
@@ -160,6 +162,7 @@ class GroundTruth:
     width: int
     height: int
     lesions: list[Lesion] = field(default_factory=list)
+    defect: str | None = None
 
     def __post_init__(self) -> None:
         if self.laterality not in ("R", "L"):
@@ -235,6 +238,7 @@ class GroundTruth:
             "width": self.width,
             "height": self.height,
             "lesions": [lesion.to_dict() for lesion in self.lesions],
+            "defect": self.defect,
         }
 
     @classmethod
@@ -268,4 +272,5 @@ class GroundTruth:
             width=int(d["width"]),
             height=int(d["height"]),
             lesions=[Lesion.from_dict(x) for x in d.get("lesions", [])],
+            defect=d.get("defect"),
         )

@@ -31,8 +31,8 @@ import numpy as np
 from fundusrt.manifest import atomic_write_bytes, atomic_write_text
 from fundusrt.synth.grading import DR_GRADE_NAMES, LESION_KINDS, GroundTruth, Lesion
 
-QUESTION_TYPES = ("laterality", "referable_dr", "dr_grade", "amd", "cdr_large", "grounding", "report")
-CLOSED_TYPES = ("laterality", "referable_dr", "dr_grade", "amd", "cdr_large")
+QUESTION_TYPES = ("laterality", "referable_dr", "dr_grade", "amd", "cdr_large", "gradable", "grounding", "report")
+CLOSED_TYPES = ("laterality", "referable_dr", "dr_grade", "amd", "cdr_large", "gradable")
 GRADE_LETTERS = "ABCDE"
 QUESTIONS = {
     "laterality": "Which eye is this?",
@@ -40,6 +40,7 @@ QUESTIONS = {
     "dr_grade": "What is the DR grade (A none, B mild, C moderate, D severe, E proliferative)?",
     "amd": "Are there drusen of age-related macular degeneration?",
     "cdr_large": "Is the cup-to-disc ratio large?",
+    "gradable": "Is this photograph of gradable quality?",
     "report": "Describe the findings in this fundus photograph.",
 }
 # Grounding asks for one target at a time; the optic disc is always present, lesions may not be.
@@ -131,6 +132,8 @@ def expected_answer(qtype: str, truth: GroundTruth) -> str:
         return yes_no[truth.amd]
     if qtype == "cdr_large":
         return yes_no[truth.glaucoma_suspect]
+    if qtype == "gradable":
+        return yes_no[truth.defect is None]
     if qtype == "report":
         return structured_report(truth)
     raise ValueError(f"no single expected answer for question type {qtype!r}; choose one of {CLOSED_TYPES + ('report',)}")
@@ -201,13 +204,18 @@ def records_from_truths(cases: Sequence[tuple[int, bool, GroundTruth]], types: S
     """Records of rendered (seed, mirrored, truth) cases: one question per type, in an order seeded by the case.
 
     With `one_question`, each question becomes a record of its own (`<id>-<k>`, same image), so a model
-    cannot answer one question by copying its answer to another from the same conversation.
+    cannot answer one question by copying its answer to another from the same conversation. An
+    ungradable picture (a defect in its truth) is asked only whether it is gradable: what it shows of
+    the retina is not what its truth says is there.
     """
     check_types(types)
     records = []
     for seed, mirrored, truth in cases:
         name = case_name(seed, mirrored)
-        qas = questions_for(truth, types, np.random.default_rng([seed, 7, int(mirrored)]))
+        asked = types if truth.defect is None else [t for t in types if t == "gradable"]
+        if not asked:
+            continue
+        qas = questions_for(truth, asked, np.random.default_rng([seed, 7, int(mirrored)]))
         if one_question:
             records += [conversation_record(f"{name}-{k}", f"images/{name}.png", truth, [qa])
                         for k, qa in enumerate(qas)]
@@ -216,14 +224,23 @@ def records_from_truths(cases: Sequence[tuple[int, bool, GroundTruth]], types: S
     return records
 
 
-def _render(seed: int, size: tuple[int, int], folder: str, mirror: bool) -> list[dict[str, Any]]:
+def _render(seed: int, size: tuple[int, int], folder: str, mirror: bool,
+            ungradable_rate: float, exposure_gain: tuple[float, float]) -> list[dict[str, Any]]:
     """Draw one case, write its PNG (and the mirrored PNG), return the truth dicts in that order."""
     from PIL import Image
 
     from fundusrt.synth.fundus import draw_fundus, random_case
+    from fundusrt.synth.quality import apply_defect, defect_for
 
     image, truth = draw_fundus(random_case(seed, size[0], size[1]))
+    if exposure_gain != (1.0, 1.0):
+        gain = np.random.default_rng([seed, 31]).uniform(*exposure_gain)
+        image = np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
     views = [(image, truth, False)] + ([(image[:, ::-1], mirror_truth(truth), True)] if mirror else [])
+    defect = defect_for(seed, ungradable_rate)
+    if defect is not None:  # after mirroring: an eyelid hangs from the top on either eye
+        views = [(apply_defect(np.ascontiguousarray(pixels), defect, seed), dataclasses.replace(t, defect=defect), m)
+                 for pixels, t, m in views]
     for pixels, _, mirrored in views:
         path = Path(folder) / f"{case_name(seed, mirrored)}.png"
         buffer = io.BytesIO()
@@ -243,6 +260,8 @@ def write_instructions(
     workers: int = 1,
     mirror: bool = False,
     one_question: bool = False,
+    ungradable_rate: float = 0.0,
+    exposure_gain: tuple[float, float] = (1.0, 1.0),
 ) -> Path:
     """Render `count` synthetic cases (seeds seed_start...) and write their instruction data.
 
@@ -261,19 +280,28 @@ def write_instructions(
         mirror: also write each image mirrored left-right as the fellow eye (`<id>-m`): twice the
             data for the cost of one drawing, and laterality pairs that differ only in the side.
         one_question: one record per question instead of one conversation per case.
+        ungradable_rate: share of cases drawn with a quality defect (`fundusrt.synth.quality`); those
+            are asked only the "gradable" question.
+        exposure_gain: (low, high): each case's picture is scaled by a gain drawn in this range, so that
+            a dim or bright but gradable photograph is not learnt as ungradable.
 
     Returns:
         the path of the instruction file.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if not 0.0 <= ungradable_rate <= 1.0:
+        raise ValueError(f"ungradable_rate must be in [0, 1], got {ungradable_rate}")
+    if not 0.0 < exposure_gain[0] <= exposure_gain[1]:
+        raise ValueError(f"exposure_gain must be (low, high) with 0 < low <= high, got {exposure_gain}")
     if fmt not in ("llava", "internvl"):
         raise ValueError(f"fmt must be 'llava' or 'internvl', got {fmt!r}")
     check_types(types)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     seeds = list(range(seed_start, seed_start + count))
-    jobs = [(seed, tuple(sizes[seed % len(sizes)]), str(out / "images"), mirror) for seed in seeds]
+    jobs = [(seed, tuple(sizes[seed % len(sizes)]), str(out / "images"), mirror, ungradable_rate, tuple(exposure_gain))
+            for seed in seeds]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             views = list(pool.map(_render, *zip(*jobs, strict=True), chunksize=8))
