@@ -6,7 +6,9 @@ ORT values between steps, through IO binding:
 - in place (`decoder.kv_cache == "shared"`, the GroupQueryAttention decoders onnxruntime-genai builds):
   one buffer per layer and K/V, preallocated to max_seq_len, bound as both past input and present
   output, so each step writes only its new positions and nothing is reallocated or copied. `fork()`
-  copies the buffers (a fork's steps write into them).
+  copies the held positions into new buffers (a fork's steps write into them); the positions not yet
+  written are zero pages the OS maps only when a step writes them, so a buffer's resident size grows
+  with its sequence, not with max_seq_len.
 - zero-copy (`"concat"`, decoders exported by torch): each step's `present.*` outputs are bound as the
   next step's `past_key_values.*` inputs without leaving ORT (on CUDA they stay on the GPU). Past values
   are never written to (every step allocates its presents from ORT's arena), so `fork()` shares them.
@@ -160,9 +162,20 @@ class OrtDecoderSession:
         """A session starting from this cache: in-place buffers are copied, read-only past values shared."""
         other = object.__new__(OrtDecoderSession)
         other.__dict__.update(self.__dict__)
-        other._past = ([ort.OrtValue.ortvalue_from_numpy(np.array(value.numpy(), copy=True), self._device, 0)
-                        for value in self._past] if self._shared else list(self._past))
+        other._past = ([self._copy_prefix(value, 1, self._spec.max_seq_len) for value in self._past]
+                       if self._shared else list(self._past))
         return other
+
+    def _copy_prefix(self, value: Any, batch: int, length: int) -> Any:
+        """A new in-place buffer of `batch` rows x `length` positions holding this cache's positions in each row.
+
+        Only the held positions are written: np.zeros memory is mapped by the OS as it is first
+        touched, so a fork of a short prefix does not make a whole max_seq_len buffer resident.
+        """
+        held = self._seq_len
+        buffer = np.zeros((batch, self._spec.num_kv_heads, length, self._spec.head_dim), dtype=self._kv_type)
+        buffer[:, :, :held] = value.numpy()[:, :, :held]
+        return ort.OrtValue.ortvalue_from_numpy(buffer, self._device, 0)
 
     def prefill(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Append `inputs_embeds` (1, seq, hidden) to the cache; return the last position's logits (vocab,)."""
@@ -206,14 +219,7 @@ class OrtDecoderSession:
         if not self._shared:
             return [ort.OrtValue.ortvalue_from_numpy(np.repeat(value.numpy(), batch, axis=0), self._device, 0)
                     for value in self._past]
-        spec, held = self._spec, self._seq_len
-        shape = (batch, spec.num_kv_heads, held + steps, spec.head_dim)
-        buffers = []
-        for value in self._past:
-            buffer = np.zeros(shape, dtype=self._kv_type)
-            buffer[:, :, :held] = value.numpy()[:, :, :held]
-            buffers.append(ort.OrtValue.ortvalue_from_numpy(buffer, self._device, 0))
-        return buffers
+        return [self._copy_prefix(value, batch, self._seq_len + steps) for value in self._past]
 
     def _embed_tokens(self, token_ids: np.ndarray) -> Any:
         """The embeddings of `token_ids` (batch, seq), left on the decoder's device."""
