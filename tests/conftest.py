@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from fundusrt.runtime.protocol import PROTOCOL_NAME
 
 TinyPackage = Callable[..., tuple[Path, Path]]
 
@@ -18,12 +21,25 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("FUNDUSRT_CACHE", str(tmp_path_factory.mktemp("fundusrt-cache")))
 
 
+def protocol_without_gradability() -> dict:
+    """The shipped protocol without its gradability item: what tiny random packages carry as their own.
+
+    A random model's P(gradable) would make most pictures ungradable and leave their items unscored.
+    """
+    from fundusrt.runtime.protocol import DEFAULT_PROTOCOL
+
+    protocol = json.loads(DEFAULT_PROTOCOL.read_text())
+    protocol["items"] = [item for item in protocol["items"] if item["role"] != "gradability"]
+    return protocol
+
+
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> TinyPackage:
     """`get(family, seed=0, max_seq_len=None) -> (checkpoint, package)`: a tiny random native checkpoint and its
     exported package, built once per session for each argument set (an export costs 10-30 s here).
 
-    Tests must not modify what they get: copy it first.
+    The package carries `protocol_without_gradability()` as its own protocol. Tests must not modify what
+    they get: copy it first.
     """
     built: dict[tuple[str, int, int | None], tuple[Path, Path]] = {}
 
@@ -36,7 +52,9 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> TinyPackage:
             root = tmp_path_factory.mktemp(f"tiny-{family}-{seed}")
             checkpoint = write_tiny_checkpoint(root / "ckpt", family=family, seed=seed)
             limits = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
-            built[key] = checkpoint, Path(export_package(checkpoint, root / "pkg", **limits))
+            package = Path(export_package(checkpoint, root / "pkg", **limits))
+            (package / PROTOCOL_NAME).write_text(json.dumps(protocol_without_gradability()))
+            built[key] = checkpoint, package
         return built[key]
 
     return get

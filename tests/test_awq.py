@@ -18,6 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from fundusrt.calibration import awq  # noqa: E402
 from fundusrt.calibration.quantize import quantize_weight_only  # noqa: E402
+from tests._outliers import add_outlier_channels  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
@@ -53,8 +54,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from fundusrt.runtime.pipeline import load_package
     from fundusrt.synth import write_study
 
+    from fundusrt.models import load
+    from fundusrt.models.layouts import native
+
     root = tmp_path_factory.mktemp("awq")
-    package = Path(export_package(DEMO, root / "fp32", max_seq_len=512))
+    # the demo model with outlier input channels (same float function): the case AWQ is for
+    model = load(DEMO)
+    add_outlier_channels(model)
+    package = Path(export_package(native.save(model, root / "checkpoint"), root / "fp32", max_seq_len=512))
     pipe = load_package(package, "ort-cpu", threads=2)
     prompts = load_prompts(None, pipe.default_questions)
 

@@ -28,6 +28,7 @@ from fundusrt.manifest import PackageError  # noqa: E402
 from fundusrt.models import load  # noqa: E402
 from fundusrt.runtime.pipeline import load_package  # noqa: E402
 from tests._dicom_fixtures import fundus_picture  # noqa: E402
+from tests._outliers import add_outlier_channels  # noqa: E402
 from tests._layout_fixtures import write_llava_phi3_dense  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"  # the refusal test exports nothing
@@ -80,27 +81,14 @@ def test_search_reads_every_group_of_fused_phi3_modules(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def outlier_decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """fp32, RTN and AWQ int4 builder packages of a tiny model whose decoder has outlier input channels.
-
-    LLMs route a few channels through activations tens of times larger than the rest, with small weights
-    (the case AWQ is for). The tiny random model has none, so four channels are made so without changing
-    the float function: their norm weights x20, the weights that read them /20.
-    """
-    import torch
-
+    """fp32, RTN and AWQ int4 builder packages of a tiny model whose decoder has outlier input channels
+    (`add_outlier_channels`: the tiny random model has none)."""
     from fundusrt.models.layouts import native
     from fundusrt.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("awq-builder")
     model = build_tiny_model("internvit-shuffle", seed=5)
-    with torch.no_grad():
-        for layer in model.language_model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
-                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
-                norm.weight[:4] *= 20
-                for linear in readers:
-                    linear.weight[:, :4] /= 20
+    add_outlier_channels(model)
     checkpoint = native.save(model, root / "checkpoint")
     calibration = root / "calibration"
     calibration.mkdir()

@@ -221,7 +221,7 @@ def test_quick_bench_runs_and_writes_well_formed_outputs(tmp_path: Path) -> None
     # what the demo package was trained to answer, scored on held-out synthetic cases: it gets the eye right
     (screening,) = doc["screening"]
     assert screening["count"] == 8 and screening["protocol"]["name"] == "fundusrt-synthetic-screening"
-    assert list(screening["items"]) == ["laterality", "referable_dr", "dr_grade", "amd", "cdr_large"]
+    assert list(screening["items"]) == ["laterality", "referable_dr", "dr_grade", "amd", "cdr_large", "gradable"]
     assert screening["items"]["laterality"]["accuracy"]["value"] >= 7 / 8
     assert "| laterality | " in markdown and "Screening protocol fundusrt-synthetic-screening" in markdown
     with Image.open(out / "pareto.png") as plot:

@@ -40,7 +40,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("calib")
     ckpt = write_tiny_checkpoint(root / "ckpt", family="siglip-dense", seed=0)
-    package = export_package(ckpt, root / "fp32", max_seq_len=512)
+    # declares MCQs, so that the gate asks them (it skips them for packages that do not)
+    package = export_package(ckpt, root / "fp32", max_seq_len=512, answers_mcq=True)
     write_study(root / "studies" / "s0", 3, size=(320, 256))
     holdout = root / "holdout"
     write_study(holdout, 4, size=(320, 256))

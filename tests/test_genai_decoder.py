@@ -130,6 +130,8 @@ def test_int8_and_int4_demo_packages_pass_the_gate(tmp_path: Path) -> None:
                                  genai_decoder=GenaiDecoderOptions(precision=precision))
         report = gate_package(package, reference, settings=settings, threads=1)
         assert report.passed, (precision, report.failures)
+        # the demo was never taught the MCQ prompt and does not declare it: the gate asks no MCQs
+        assert report.figures["mcq"]["questions"] == 0 and report.figures["tokens"]["agreement"] == 1.0
         recorded = json.loads((package / "manifest.json").read_text())["extra"][GATE_KEY]
         assert recorded["passed"] and recorded["reference"]["precision"] == "fp32"
         load_package(package)  # the updated manifest still verifies

@@ -100,15 +100,8 @@ def test_dark_image_is_reported_ungradable_and_not_shown_to_the_model(tmp_path: 
     study.mkdir()
     write_photo(study / "right.dcm", right_eye(), "R")
     write_photo(study / "left-dark.dcm", scaled(0.15), "L")
-    # the random tiny model's answer to the default protocol's gradability item means nothing: leave it out
-    from fundusrt.runtime.protocol import DEFAULT_PROTOCOL
-
-    protocol = json.loads(DEFAULT_PROTOCOL.read_text())
-    protocol["items"] = [item for item in protocol["items"] if item["role"] != "gradability"]
-    (tmp_path / "protocol.json").write_text(json.dumps(protocol))
     out = tmp_path / "findings.json"
-    assert main(["run", str(study), "--package", str(package), "--json", str(out),
-                 "--protocol", str(tmp_path / "protocol.json")]) == 0
+    assert main(["run", str(study), "--package", str(package), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     by_eye = {i["laterality"]: i for i in report["images"]}
     assert by_eye["R"]["gradable"] and by_eye["R"]["answers"]

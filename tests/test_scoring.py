@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import protocol_without_gradability
 from fundusrt.kernels import patchify
 from fundusrt.prompt import build_input_ids
 from fundusrt.runtime.pipeline import Pipeline, load_package
@@ -138,7 +139,7 @@ def test_which_protocol_runs(built: tuple[Path, Path], tmp_path: Path, capsys) -
     own = json.loads(DEFAULT_PROTOCOL.read_text()) | {"name": "package-own"}
     own["items"] = own["items"][:2]
     (package / PROTOCOL_NAME).write_text(json.dumps(own))
-    given = json.loads(DEFAULT_PROTOCOL.read_text()) | {"name": "given"}
+    given = protocol_without_gradability() | {"name": "given"}  # a random model's P(gradable) means nothing
     (tmp_path / "given.json").write_text(json.dumps(given))
 
     def run(*extra: str) -> dict:

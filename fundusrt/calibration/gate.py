@@ -6,7 +6,10 @@ Three kinds of figures, all against the fp32 package on the same held-out images
   for vision, fp32 vision features for the connector, fp32 spliced prompt embeddings for the
   decoder's prefill logits), so a figure blames one component, not the ones before it;
 - MCQ agreement, end to end: the option letter with the highest first-token logit, as in
-  likelihood-based MCQ scoring (VLMEvalKit), must be the same letter fp32 picks;
+  likelihood-based MCQ scoring (VLMEvalKit), must be the same letter fp32 picks. Only for packages
+  that declare they answer MCQs (`"mcq_prompt"` in the manifest's extra, `fundusrt export
+  --answers-mcq`): a model never taught the prompt answers it with near-ties, which any rounding
+  flips (the demo's int4 decoder: token agreement 1.000, MCQ agreement 0.438);
 - token agreement, end to end: the quantised decoder is teacher-forced along fp32's greedy
   answer and its own argmax compared at every position. Up to the first mismatch this is exactly
   what free-running generation would produce, so `exact_match` (no mismatch at all) is also the
@@ -23,6 +26,7 @@ import numpy as np
 
 from fundusrt.calibration.dataset import CalibrationError, Prompt, SourceImage
 from fundusrt.kernels import patchify
+from fundusrt.manifest import MCQ_PROMPT_KEY
 from fundusrt.runtime.pipeline import Pipeline
 
 
@@ -165,14 +169,15 @@ def evaluate_gate(fp32: Pipeline, quant: Pipeline, images: Sequence[SourceImage]
         fp32: the reference package.
         quant: the quantised package (same tokenizer, prompt and preprocessing).
         images: held-out images, never used for calibration.
-        prompts: open questions (token agreement) and multiple-choice ones (MCQ agreement).
+        prompts: open questions (token agreement) and multiple-choice ones (MCQ agreement, asked only
+            when `fp32` declares it answers MCQs).
         thresholds: the minimum figures.
         max_new_tokens: length of the fp32 reference answers for token agreement.
     """
     if not images:
         raise CalibrationError("the accuracy gate needs at least one held-out image")
     open_prompts = [p for p in prompts if not p.options]
-    mcq_prompts = [p for p in prompts if p.options]
+    mcq_prompts = [p for p in prompts if p.options] if MCQ_PROMPT_KEY in fp32.manifest.extra else []
     figures: dict[str, Any] = _component_cosines(fp32, quant, images, prompts)
     agree, asked = 0, 0
     positions, matched, exact, answers = 0, 0, 0, 0
