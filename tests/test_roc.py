@@ -10,7 +10,7 @@ import pytest
 
 from fundusrt.bench.roc import at_threshold, auc, roc_curve, threshold_for_sensitivity, wilson
 from fundusrt.bench.screening import calibrate, evaluate, read_table
-from fundusrt.runtime.protocol import DEFAULT_PROTOCOL, load_protocol
+from fundusrt.runtime.protocol import DEFAULT_PROTOCOL, PROTOCOL_NAME, load_protocol
 
 # positives score 0.9, 0.8, 0.6, 0.3; negatives 0.7, 0.55, 0.4, 0.2
 SCORES = [0.9, 0.8, 0.7, 0.6, 0.55, 0.4, 0.3, 0.2]
@@ -106,7 +106,7 @@ def test_score_synthetic_cases_into_a_table(tiny_package, tmp_path: Path, capsys
     summary = json.loads(capsys.readouterr().out)
     assert (summary["set"], summary["count"], summary["pixel_gradable"]) == ("shifted", 3, 3)
     cases, _ = read_table(table)
-    protocol = load_protocol(DEFAULT_PROTOCOL)
+    protocol = load_protocol(package / PROTOCOL_NAME)  # the tiny package's own (conftest)
     assert [c.name for c in cases] == ["shifted-7", "shifted-8", "shifted-9"]
     for seed, case in zip((7, 8, 9), cases, strict=True):
         truth = synthetic_image(seed, "shifted")[1]
