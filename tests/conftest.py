@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fundusrt.runtime.protocol import PROTOCOL_NAME
+from tests._protocols import protocol_without_gradability
 
 TinyPackage = Callable[..., tuple[Path, Path]]
 
@@ -19,18 +20,6 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ.setdefault("FUNDUSRT_CACHE", str(tmp_path_factory.mktemp("fundusrt-cache")))
-
-
-def protocol_without_gradability() -> dict:
-    """The shipped protocol without its gradability item: what tiny random packages carry as their own.
-
-    A random model's P(gradable) would make most pictures ungradable and leave their items unscored.
-    """
-    from fundusrt.runtime.protocol import DEFAULT_PROTOCOL
-
-    protocol = json.loads(DEFAULT_PROTOCOL.read_text())
-    protocol["items"] = [item for item in protocol["items"] if item["role"] != "gradability"]
-    return protocol
 
 
 @pytest.fixture(scope="session")

@@ -51,11 +51,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from fundusrt.calibration.dataset import SourceImage, iter_source_images, load_prompts, source_files
     from fundusrt.calibration.record import record_calibration_set
     from fundusrt.export import export_package
-    from fundusrt.runtime.pipeline import load_package
-    from fundusrt.synth import write_study
-
     from fundusrt.models import load
     from fundusrt.models.layouts import native
+    from fundusrt.runtime.pipeline import load_package
+    from fundusrt.synth import write_study
 
     root = tmp_path_factory.mktemp("awq")
     # the demo model with outlier input channels (same float function): the case AWQ is for

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import protocol_without_gradability
 from fundusrt.kernels import patchify
 from fundusrt.prompt import build_input_ids
 from fundusrt.runtime.pipeline import Pipeline, load_package
 from fundusrt.runtime.protocol import DEFAULT_PROTOCOL, parse_protocol
+from tests._protocols import protocol_without_gradability
 
 torch = pytest.importorskip("torch")
 

@@ -120,7 +120,7 @@ def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START, pipeline: Any
         if gate is None:
             raise ValueError(f"protocol {pipeline.protocol.name} {pipeline.protocol.version} has no gradability item")
         only_gate = dataclasses.replace(pipeline.protocol, items=(gate,))
-    pixel_refused, model_p, defects, per_defect = [], [], [], {}
+    pixel_refused, model_p, both_refused, defects, per_defect = [], [], [], [], {}
     for seed in range(first_seed, first_seed + count):
         image, _ = synthetic_image(seed, "heldout")
         defect = defect_for(seed)
@@ -131,6 +131,7 @@ def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START, pipeline: Any
         if gate is not None:
             probs = pipeline.score(picture, only_gate)[gate.id].probabilities
             model_p.append(sum(probs[a] for a in gate.positive))
+            both_refused.append(not verdict.gradable or model_p[-1] < GRADABLE_MIN_PROBABILITY)
         if defect is None:
             continue
         caught = per_defect.setdefault(defect, {"cases": 0, "refused": 0, "reasons": {}})
@@ -140,8 +141,7 @@ def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START, pipeline: Any
             key = reason.split(":")[0]
             caught["reasons"][key] = caught["reasons"].get(key, 0) + 1
         if gate is not None:
-            caught["refused_by_pixels_or_model"] = caught.get("refused_by_pixels_or_model", 0) + (
-                not verdict.gradable or model_p[-1] < GRADABLE_MIN_PROBABILITY)
+            caught["refused_by_pixels_or_model"] = caught.get("refused_by_pixels_or_model", 0) + both_refused[-1]
 
     def figures(refused: Sequence[bool]) -> dict[str, Any]:
         bad = [r for r, d in zip(refused, defects, strict=True) if d is not None]
@@ -157,8 +157,7 @@ def gate_figures(count: int, first_seed: int = HELDOUT_SEED_START, pipeline: Any
         area, low, high = auc([1 - p for p in model_p], ungradable)
         result["model_item"] = {"item": gate.id, "auc": {"value": area, "ci95": [low, high]},
                                 **figures([p < GRADABLE_MIN_PROBABILITY for p in model_p])}
-        result["pixels_then_model"] = figures([r or p < GRADABLE_MIN_PROBABILITY
-                                               for r, p in zip(pixel_refused, model_p, strict=True)])
+        result["pixels_then_model"] = figures(both_refused)
     return result
 
 
